@@ -81,6 +81,8 @@ class Kernel:
         self._map_kuser_shared_data()
         self._write_kernel_image()
         self._write_low_stub()
+        if self.symbols.has_symbol("MmProtectToValue"):
+            self._write_protect_to_value()
 
     # -- fixed pieces --------------------------------------------------------------------
     def _map_kuser_shared_data(self) -> None:
@@ -110,9 +112,17 @@ class Kernel:
         struct.pack_into("<Q", stub, 0xA0, SYSTEM_PML4_PA)  # Cr3
         self.memory.write(LOW_STUB_PA, bytes(stub))
 
+    def _write_protect_to_value(self) -> None:
+        # MmProtectToValue: the 32 PAGE_* values that MMVAD_FLAGS.Protection indexes
+        # (base protections, then NOCACHE 0x200, GUARD 0x100 and WRITECOMBINE 0x400 forms).
+        base = [0x01, 0x02, 0x10, 0x20, 0x04, 0x08, 0x40, 0x80]
+        values = base + [0x01] + [v | 0x200 for v in base[1:]] + [0x01] + [
+            v | 0x100 for v in base[1:]] + [0x01] + [v | 0x400 for v in base[1:]]
+        self.space.write(self.symbol_address("MmProtectToValue"), struct.pack("<32I", *values))
+
     def globals_used(self) -> list[str]:
         names = ["PsActiveProcessHead"]
-        for name in ("KeUserCallbackDispatcher", "PsNtdllExports"):
+        for name in ("KeUserCallbackDispatcher", "PsNtdllExports", "MmProtectToValue"):
             if self.symbols.has_symbol(name):
                 names.append(name)
         return names
