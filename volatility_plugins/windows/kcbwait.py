@@ -1,9 +1,221 @@
-from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import x
+"""windows.kcbwait: threads resting at ZwCallbackReturn and their kernel-to-user callback stacks.
+
+For every thread the plugin reports whether its user-mode trap frame stops inside ntdll's
+NtCallbackReturn/ZwCallbackReturn stub (``at-return``) and whether it is inside one or more
+kernel-to-user callbacks (``in-callback``), and lists each callback level found on the user
+stack (UCALLOUT_FRAME) together with whether the kernel's record of it (_KSTACK_CONTROL chain,
+KCALLOUT_FRAME, trap frames) agrees.  Output columns and texts follow docs/output-contract.md;
+the Windows model follows ../shared/docs/callback-machinery.md.  x64 kernels only.
+"""
+
+import logging
+from collections.abc import Iterator
+
+from volatility3.framework import interfaces, renderers
+from volatility3.framework.configuration import requirements
+from volatility3.framework.renderers import format_hints
+from volatility3.plugins.windows import pslist, threads
+from volatility3.plugins.windows.kcbwait_analysis import (
+    kernel_facts,
+    memory,
+    process_info,
+    reason,
+    results,
+    thread_analysis,
+)
+
+vollog = logging.getLogger(__name__)
+
+COLUMNS = [
+    ("PID", int),
+    ("TID", int),
+    ("Process", str),
+    ("Wow64", bool),
+    ("Level", int),
+    ("Reason", str),
+    ("State", str),
+    ("WaitReason", str),
+    ("NestingLevel", int),
+    ("Rip", format_hints.Hex),
+    ("Symbol", str),
+    ("Rsp", format_hints.Hex),
+    ("Frame", format_hints.Hex),
+    ("ApiNumber", int),
+    ("Handler", format_hints.Hex),
+    ("HandlerSymbol", str),
+    ("Buffer", format_hints.Hex),
+    ("Length", int),
+    ("KernelSide", str),
+    ("Notes", str),
+]
+
+
+def _cell(value, column: str, unreadable=frozenset(), hex_value: bool = False):
+    """A TreeGrid cell: the value, or UnreadableValue / NotApplicableValue when absent."""
+    if value is None:
+        if column in unreadable:
+            return renderers.UnreadableValue()
+        return renderers.NotApplicableValue()
+    if hex_value:
+        return format_hints.Hex(value)
+    return value
+
+
 class KcbWait(interfaces.plugins.PluginInterface):
-    _required_framework_version = (2, 0, 0)
+    """Lists threads waiting at ZwCallbackReturn or inside kernel-to-user callbacks (x64)."""
+
+    _required_framework_version = (2, 26, 0)
+    _version = (1, 0, 0)
+
     @classmethod
-    def get_requirements(cls):
-        return []
-    def run(self):
-        print(x.X)
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [
+            # Intel32 is accepted only so that a 32-bit image gets this plugin's own clear
+            # error message instead of an unsatisfied-requirement listing.
+            requirements.ModuleRequirement(
+                name="kernel",
+                description="Windows kernel",
+                architectures=["Intel32", "Intel64"],
+            ),
+            requirements.VersionRequirement(
+                name="pslist", component=pslist.PsList, version=(3, 0, 0)
+            ),
+            requirements.VersionRequirement(
+                name="threads", component=threads.Threads, version=(3, 0, 0)
+            ),
+            requirements.ListRequirement(
+                name="pid",
+                element_type=int,
+                description="Process IDs to include (all other processes are excluded)",
+                optional=True,
+            ),
+            requirements.ListRequirement(
+                name="tid",
+                element_type=int,
+                description="Thread IDs to include (all other threads are excluded)",
+                optional=True,
+            ),
+            requirements.BooleanRequirement(
+                name="at-return-only",
+                description="List only threads whose trap frame is in NtCallbackReturn/"
+                "ZwCallbackReturn",
+                default=False,
+                optional=True,
+            ),
+            requirements.BooleanRequirement(
+                name="all-threads",
+                description="List every thread, including those with reason 'none'",
+                default=False,
+                optional=True,
+            ),
+        ]
+
+    @classmethod
+    def analyse_threads(
+        cls,
+        context: interfaces.context.ContextInterface,
+        kernel_module_name: str,
+        pids: list[int] | None = None,
+        tids: list[int] | None = None,
+    ) -> Iterator[results.ThreadResult]:
+        """Analyses every thread (pslist order, then ThreadListHead order), optionally narrowed
+        to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason."""
+        kernel = context.modules[kernel_module_name]
+        facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
+        catalog = process_info.ImageCatalog(
+            context,
+            facts,
+            lambda: pslist.PsList.list_processes(context, kernel_module_name),
+        )
+        analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog)
+        tid_filter = set(tids or [])
+        for proc in pslist.PsList.list_processes(
+            context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
+        ):
+            info = catalog.process_info(proc)
+            for thread in thread_analysis.list_threads(kernel, proc):
+                if tid_filter:
+                    tid = memory.try_read(lambda t=thread: int(t.Cid.UniqueThread))
+                    if tid not in tid_filter:
+                        continue
+                yield analyzer.analyse(info, thread)
+
+    @staticmethod
+    def _thread_row(result: results.ThreadResult) -> tuple:
+        process = result.process
+        unreadable = result.unreadable | process.unreadable
+        return (
+            _cell(process.pid, "PID", unreadable),
+            _cell(result.tid, "TID", unreadable),
+            _cell(process.name, "Process", unreadable),
+            _cell(process.wow64, "Wow64", unreadable),
+            0,
+            result.reason,
+            _cell(result.state, "State", unreadable),
+            _cell(result.wait_reason, "WaitReason", unreadable),
+            _cell(result.nesting_level, "NestingLevel", unreadable),
+            _cell(result.rip, "Rip", hex_value=True),
+            _cell(result.symbol, "Symbol"),
+            _cell(result.rsp, "Rsp", hex_value=True),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            _cell(result.kernel_side, "KernelSide"),
+            result.notes,
+        )
+
+    @staticmethod
+    def _callback_row(result: results.ThreadResult, callback: results.CallbackResult) -> tuple:
+        process = result.process
+        unreadable = result.unreadable | process.unreadable
+        frame = callback.frame
+        return (
+            _cell(process.pid, "PID", unreadable),
+            _cell(result.tid, "TID", unreadable),
+            _cell(process.name, "Process", unreadable),
+            _cell(process.wow64, "Wow64", unreadable),
+            callback.level,
+            reason.CALLBACK,
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            renderers.NotApplicableValue(),
+            format_hints.Hex(frame.rip),
+            _cell(callback.symbol, "Symbol"),
+            format_hints.Hex(frame.rsp),
+            format_hints.Hex(frame.address),
+            frame.api_number,
+            _cell(callback.handler, "Handler", callback.unreadable, hex_value=True),
+            _cell(callback.handler_symbol, "HandlerSymbol"),
+            format_hints.Hex(frame.buffer),
+            frame.length,
+            callback.kernel_side,
+            callback.notes,
+        )
+
+    def _generator(self):
+        all_threads = bool(self.config.get("all-threads", False))
+        at_return_only = bool(self.config.get("at-return-only", False))
+        for result in self.analyse_threads(
+            self.context,
+            self.config["kernel"],
+            pids=self.config.get("pid", None),
+            tids=self.config.get("tid", None),
+        ):
+            if not reason.is_listed(result.reason, all_threads, at_return_only):
+                continue
+            yield 0, self._thread_row(result)
+            for callback in result.callbacks:
+                yield 1, self._callback_row(result, callback)
+
+    def run(self) -> renderers.TreeGrid:
+        kernel = self.context.modules[self.config["kernel"]]
+        if not kernel_facts.is_64bit_kernel(self.context, kernel):
+            vollog.error(
+                "windows.kcbwait supports only 64-bit (x64) Windows kernels; "
+                "this image's kernel is 32-bit, so no threads are analysed"
+            )
+            return renderers.TreeGrid(COLUMNS, iter(()))
+        return renderers.TreeGrid(COLUMNS, self._generator())

@@ -1,0 +1,77 @@
+"""Pairs the user-side UCALLOUT_FRAMEs with the kernel-side callout levels.
+
+docs/output-contract.md, "KernelSide per level k": the callout of level k was started from trap
+frame T(k-1); the two sides agree when ``T(k-1).Rsp == Frame(k)`` (KeUserModeCallback rewrote the
+trap frame's Rsp to the frame), ``T(k-1).Rip == MachineFrame(k).Rip`` (it copied the trap frame's
+Rip into the frame) and level k's KCALLOUT_FRAME.TrapFrame == the address of T(k-1)
+(callback-machinery.md, steps 2-3).  Both sides number levels from the outermost (1).
+"""
+
+from collections.abc import Sequence
+
+from volatility3.plugins.windows.kcbwait_analysis import kernel_callout, user_callout
+
+AGREES = "agrees"
+MISMATCH = "mismatch"
+UNREADABLE_KERNEL_STACK = "unreadable: kernel stack"
+UNREADABLE_TRAP_FRAME = "unreadable: trap frame"
+NO_KERNEL_LEVEL = "mismatch: no kernel callout stack for this level"
+
+
+def compare_level(
+    frame: user_callout.UcalloutFrame, level: kernel_callout.KernelLevel | None
+) -> str:
+    """The KernelSide text for one level: ``agrees``, ``mismatch: ...`` or ``unreadable: ...``.
+
+    ``level`` is None when the kernel's (fully read) segment chain has no callout at this level.
+    """
+    if level is None:
+        return NO_KERNEL_LEVEL
+    differences = []
+    caller = level.trap_frame
+    if caller is None:
+        return UNREADABLE_TRAP_FRAME
+    if caller.rsp != frame.address:
+        differences.append(f"trap frame Rsp {caller.rsp:#x} != Frame {frame.address:#x}")
+    if caller.rip != frame.rip:
+        differences.append(f"trap frame Rip {caller.rip:#x} != MachineFrame.Rip {frame.rip:#x}")
+    if level.kcallout_trap_frame is None:
+        if not differences:
+            return UNREADABLE_KERNEL_STACK
+    elif level.kcallout_trap_frame != level.caller_trap_frame:
+        differences.append(
+            f"KCALLOUT_FRAME.TrapFrame {level.kcallout_trap_frame:#x}"
+            f" != trap frame {level.caller_trap_frame:#x}"
+        )
+    if differences:
+        return f"{MISMATCH}: " + ", ".join(differences)
+    return AGREES
+
+
+def compare_levels(
+    frames: Sequence[user_callout.UcalloutFrame],
+    chain: kernel_callout.SegmentChain | None,
+    levels: Sequence[kernel_callout.KernelLevel],
+) -> list[str]:
+    """KernelSide texts for ``frames`` (outermost first) against the kernel ``levels``.
+
+    An incomplete or missing segment chain leaves every level ``unreadable: kernel stack``:
+    without the original stack the outermost-first numbering of the kernel side is unknown.
+    """
+    if chain is None or not chain.complete:
+        return [UNREADABLE_KERNEL_STACK for _ in frames]
+    verdicts = []
+    for index, frame in enumerate(frames):
+        level = levels[index] if index < len(levels) else None
+        verdicts.append(compare_level(frame, level))
+    return verdicts
+
+
+def thread_kernel_side(verdicts: Sequence[str]) -> str | None:
+    """Thread row KernelSide: None without callback frames, ``agrees`` when every level agrees,
+    else ``mismatch``."""
+    if not verdicts:
+        return None
+    if all(verdict == AGREES for verdict in verdicts):
+        return AGREES
+    return MISMATCH

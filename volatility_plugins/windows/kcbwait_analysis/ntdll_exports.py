@@ -1,0 +1,158 @@
+"""Facts about ntdll.dll that the callback analysis needs, resolved once per mapped image.
+
+* The ``NtCallbackReturn``/``ZwCallbackReturn`` stub ranges decide the ``at-return`` reason
+  (docs/output-contract.md: from the export's address up to ntdll's next export, at most 0x20
+  bytes; some ntdll builds export only ``NtCallbackReturn``, callback-machinery.md).
+* ``KiUserCallbackDispatcher``'s function range: the kernel returns to user mode at the
+  dispatcher, which calls ``PEB.KernelCallbackTable[ApiNumber]`` and so leaves a return address
+  into itself just below each UCALLOUT_FRAME (callback-machinery.md, step 4).  The range comes from
+  ntdll's .pdata RUNTIME_FUNCTION that covers the dispatcher, else a small fixed span.
+
+ntdll is mapped at the same base in every process of a boot, so these facts are computed once per
+(base, path) by the caller's cache, never per thread.
+"""
+
+import struct
+from dataclasses import dataclass
+
+from volatility3.framework import interfaces
+from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports
+
+NTDLL_NAME = "ntdll.dll"
+CALLBACK_RETURN_EXPORTS = ("NtCallbackReturn", "ZwCallbackReturn")
+DISPATCHER_EXPORT = "KiUserCallbackDispatcher"
+# docs/output-contract.md: the stub spans up to the next export, "at most 0x20 bytes".
+MAX_STUB_SIZE = 0x20
+# Without a RUNTIME_FUNCTION the dispatcher is assumed this long.  ReactOS' dispatch.S and
+# Windows 10/11 dispatchers place their `call` well inside the first 0x100 bytes.
+DISPATCHER_FALLBACK_SIZE = 0x100
+# x64 RUNTIME_FUNCTION: ULONG BeginAddress, EndAddress, UnwindData (RVAs).
+RUNTIME_FUNCTION_SIZE = 12
+# ntdll's .pdata is ~0x10000-0x20000 bytes; anything above this is corrupt.
+MAX_EXCEPTION_DIRECTORY = 0x80000
+
+AddressRange = tuple[int, int]
+"""Half-open [start, end) range of virtual addresses."""
+
+
+def callback_return_ranges(exports: pe_exports.ModuleExports) -> tuple[AddressRange, ...]:
+    """The [start, end) ranges of the NtCallbackReturn / ZwCallbackReturn stubs.
+
+    Each runs from the export's address to the next higher export of ntdll, capped at
+    MAX_STUB_SIZE bytes.
+    """
+    ranges = []
+    for name in CALLBACK_RETURN_EXPORTS:
+        start = exports.address_of(name)
+        if start is None:
+            continue
+        following = exports.next_above(start)
+        end = start + MAX_STUB_SIZE
+        if following is not None:
+            end = min(end, following)
+        if (start, end) not in ranges:
+            ranges.append((start, end))
+    return tuple(ranges)
+
+
+def address_in_ranges(address: int, ranges: tuple[AddressRange, ...]) -> bool:
+    """True if ``address`` lies in any half-open range."""
+    return any(start <= address < end for start, end in ranges)
+
+
+def find_runtime_function(pdata: bytes, rva: int) -> AddressRange | None:
+    """[BeginAddress, EndAddress) of the RUNTIME_FUNCTION in ``pdata`` that covers ``rva``.
+
+    Entries are normally sorted, but a linear pass tolerates unsorted tables; entries that were
+    unreadable (all zero) never match.
+    """
+    count = min(len(pdata), MAX_EXCEPTION_DIRECTORY) // RUNTIME_FUNCTION_SIZE
+    for index in range(count):
+        begin, end, _unwind = struct.unpack_from("<III", pdata, index * RUNTIME_FUNCTION_SIZE)
+        if begin <= rva < end:
+            return begin, end
+    return None
+
+
+def dispatcher_function_range(
+    dispatcher: int, image_base: int | None, pdata: bytes | None
+) -> AddressRange:
+    """The address range whose qwords count as return addresses into the dispatcher.
+
+    The RUNTIME_FUNCTION covering the dispatcher if there is one (its start may sit before the
+    export), else [dispatcher, dispatcher + DISPATCHER_FALLBACK_SIZE).
+    """
+    if image_base is not None and pdata and dispatcher >= image_base:
+        found = find_runtime_function(pdata, dispatcher - image_base)
+        if found is not None:
+            begin, end = found
+            return image_base + begin, image_base + end
+    return dispatcher, dispatcher + DISPATCHER_FALLBACK_SIZE
+
+
+def read_exception_directory(
+    context: interfaces.context.ContextInterface, layer_name: str, base: int
+) -> bytes | None:
+    """Reads the .pdata (IMAGE_DIRECTORY_ENTRY_EXCEPTION) of the image at ``base``.
+
+    Unreadable pages are left zero (their entries then match nothing); returns None if the
+    headers are unreadable or there is no exception directory.
+    """
+    header = memory.read_bytes(context, layer_name, base, pe_exports.HEADER_SIZE)
+    if header is None:
+        return None
+    headers = pe_exports.parse_headers(header)
+    if headers is None:
+        return None
+    directory = headers.exception
+    if directory.rva == 0 or directory.size == 0 or directory.size > MAX_EXCEPTION_DIRECTORY:
+        return None
+    buffer = bytearray(directory.rva + directory.size)
+    pe_exports.read_pages_into(context, layer_name, base, buffer, directory.rva, directory.size)
+    return bytes(buffer[directory.rva :])
+
+
+@dataclass(frozen=True)
+class NtdllFacts:
+    """What the analysis knows about one mapped ntdll image."""
+
+    base: int | None
+    exports: pe_exports.ModuleExports | None
+    callback_return_ranges: tuple[AddressRange, ...]
+    dispatcher: int | None
+    dispatcher_range: AddressRange | None
+
+    @property
+    def exports_readable(self) -> bool:
+        return self.exports is not None
+
+
+def build_facts(
+    base: int | None,
+    size: int,
+    exports: pe_exports.ModuleExports | None,
+    pdata: bytes | None,
+    kernel_dispatcher: int | None,
+) -> NtdllFacts:
+    """Combines one ntdll image's exports and .pdata with the kernel's dispatcher address.
+
+    The kernel's own record of the dispatcher (KeUserCallbackDispatcher / PsNtdllExports) is
+    preferred when it points into this image; otherwise the export of the same name is used.
+    """
+    dispatcher = None
+    if kernel_dispatcher and (base is None or base <= kernel_dispatcher < base + size):
+        dispatcher = kernel_dispatcher
+    elif exports is not None and exports.address_of(DISPATCHER_EXPORT):
+        dispatcher = exports.address_of(DISPATCHER_EXPORT)
+    elif kernel_dispatcher:
+        dispatcher = kernel_dispatcher
+    dispatcher_range = None
+    if dispatcher is not None:
+        dispatcher_range = dispatcher_function_range(dispatcher, base, pdata)
+    return NtdllFacts(
+        base=base,
+        exports=exports,
+        callback_return_ranges=callback_return_ranges(exports) if exports is not None else (),
+        dispatcher=dispatcher,
+        dispatcher_range=dispatcher_range,
+    )

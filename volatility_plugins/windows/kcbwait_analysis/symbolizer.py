@@ -1,0 +1,125 @@
+"""Turns user-mode addresses into ``module!export+0xNN`` names (docs/output-contract.md).
+
+Modules come from the process's own 64-bit PEB loader list (InLoadOrderModuleList); the module
+name is the loader entry's BaseDllName exactly as stored.  For a WoW64 process only the 64-bit
+PEB is walked: the analysis covers the 64-bit side, where system calls and callbacks happen.
+"""
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from volatility3.framework import constants, exceptions, interfaces
+from volatility3.plugins.windows.kcbwait_analysis import pe_exports
+
+# docs/output-contract.md: "+0xNN" only when the nearest export is less than 0x100 bytes below.
+EXPORT_DISTANCE_LIMIT = 0x100
+# A process has a few hundred modules at most; a longer list is corrupt or cyclic.
+MAX_LOADER_ENTRIES = 1024
+# MAX_PATH-sized names are plenty; UNICODE_STRING.Length is a byte count.
+MAX_NAME_BYTES = 0x1000
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    """One InLoadOrderModuleList entry: [base, base + size) named ``name`` (BaseDllName)."""
+
+    base: int
+    size: int
+    name: str
+    path: str
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.size
+
+    @property
+    def cache_key(self) -> tuple[int, str]:
+        """Images are shared between processes by (base, path); parse each once."""
+        return self.base, self.path.lower()
+
+
+ExportsProvider = Callable[[LoadedModule], pe_exports.ModuleExports | None]
+
+
+def find_module(modules: Sequence[LoadedModule], address: int) -> LoadedModule | None:
+    """The first module (in loader order) whose range contains ``address``."""
+    for module in modules:
+        if module.contains(address):
+            return module
+    return None
+
+
+def format_symbol(
+    module: LoadedModule, exports: pe_exports.ModuleExports | None, address: int
+) -> str:
+    """``module!export`` at an export, ``module!export+0xNN`` when the nearest export below is
+    less than 0x100 bytes away, else ``module+0xRVA``."""
+    if exports is not None:
+        nearest = exports.nearest_at_or_below(address)
+        if nearest is not None:
+            export_address, name = nearest
+            distance = address - export_address
+            if export_address >= module.base and distance < EXPORT_DISTANCE_LIMIT:
+                if distance == 0:
+                    return f"{module.name}!{name}"
+                return f"{module.name}!{name}+{distance:#x}"
+    return f"{module.name}+{address - module.base:#x}"
+
+
+class Symbolizer:
+    """Symbolizes addresses against one process's module list.
+
+    Export tables are requested lazily from ``exports_provider`` (which caches per image), so only
+    modules that actually contain a reported address are parsed.
+    """
+
+    def __init__(self, modules: Sequence[LoadedModule], exports_provider: ExportsProvider):
+        self.modules = list(modules)
+        self._exports_provider = exports_provider
+
+    def symbolize(self, address: int | None) -> str | None:
+        """The contract's symbol for ``address``; None when no module contains it."""
+        if address is None:
+            return None
+        module = find_module(self.modules, address)
+        if module is None:
+            return None
+        return format_symbol(module, self._exports_provider(module), address)
+
+
+def _unicode_string(entry_field) -> str | None:
+    """Reads a UNICODE_STRING, refusing absurd lengths."""
+    if entry_field.Length > MAX_NAME_BYTES or entry_field.Length == 0:
+        return None
+    return str(entry_field.get_string())
+
+
+def process_modules(
+    context: interfaces.context.ContextInterface,
+    kernel_table_name: str,
+    peb: interfaces.objects.ObjectInterface,
+) -> tuple[list[LoadedModule], bool]:
+    """Walks the 64-bit PEB's InLoadOrderModuleList.
+
+    Returns (modules, complete); ``complete`` is False when the list could not be read to its
+    end (entries read before the failure are still returned).
+    """
+    modules: list[LoadedModule] = []
+    entry_type = f"{kernel_table_name}{constants.BANG}_LDR_DATA_TABLE_ENTRY"
+    try:
+        ldr = peb.Ldr.dereference()
+        entries = ldr.InLoadOrderModuleList.to_list(entry_type, "InLoadOrderLinks")
+        for entry in itertools.islice(entries, MAX_LOADER_ENTRIES):
+            try:
+                base = int(entry.DllBase)
+                size = int(entry.SizeOfImage)
+                name = _unicode_string(entry.BaseDllName)
+                path = _unicode_string(entry.FullDllName) or name
+            except exceptions.InvalidAddressException:
+                continue
+            if not base or not name:
+                continue
+            modules.append(LoadedModule(base, size, name, path or name))
+    except exceptions.InvalidAddressException:
+        return modules, False
+    return modules, True
