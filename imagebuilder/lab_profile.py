@@ -36,7 +36,7 @@ import lzma
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 LAB_GUID = "4B43425741495400000000000000AB01"
 LAB_AGE = 1
@@ -49,7 +49,7 @@ PRODUCER = {"name": "kcbwait-imagebuilder-lab-profile", "version": "1"}
 POINTER_SIZE = 8
 
 
-# -- declaration vocabulary ----------------------------------------------------------------
+# -- declaration vocabulary -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pad:
     """``size`` bytes of explicit padding."""
@@ -67,7 +67,7 @@ class PadTo:
 
 
 FieldDecl = tuple[str, str]
-Alternative = Union[FieldDecl, list[FieldDecl]]
+Alternative = FieldDecl | list[FieldDecl]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Overlay:
         object.__setattr__(self, "alternatives", tuple(alternatives))
 
 
-Entry = Union[FieldDecl, Overlay, Pad, PadTo]
+Entry = FieldDecl | Overlay | Pad | PadTo
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _flags(base: str, *names_widths: tuple[str, int]) -> list[FieldDecl]:
     return [(name, bits(width, base)) for name, width in names_widths]
 
 
-# -- base types (x64, little endian) ------------------------------------------------------
+# -- base types (x64, little endian) ----------------------------------------------------------
 BASE_TYPES: dict[str, dict[str, Any]] = {
     "char": {"kind": "char", "signed": True, "size": 1},
     "unsigned char": {"kind": "char", "signed": False, "size": 1},
@@ -133,7 +133,7 @@ LL = "long long"
 PVOID = "pointer:void"
 
 
-# -- enumerations (names and values are Windows facts) ------------------------------------
+# -- enumerations (names and values are Windows facts) ----------------------------------------
 def _enum(names: list[str], start: int = 0) -> dict[str, Any]:
     return {"base": "int", "size": 4,
             "constants": {name: start + i for i, name in enumerate(names)}}
@@ -165,9 +165,9 @@ ENUMS: dict[str, dict[str, Any]] = {
 }
 
 
-# -- structures -----------------------------------------------------------------------------
+# -- structures -------------------------------------------------------------------------------
 TYPES: dict[str, TypeDecl] = {
-    # Lists, strings, integers ---------------------------------------------------------------
+    # Lists, strings, integers ----------------------------------------------------------------
     "_LIST_ENTRY": S(("Flink", "pointer:_LIST_ENTRY"), ("Blink", "pointer:_LIST_ENTRY")),
     "_SINGLE_LIST_ENTRY": S(("Next", "pointer:_SINGLE_LIST_ENTRY")),
     "_UNICODE_STRING": S(
@@ -245,7 +245,7 @@ TYPES: dict[str, TypeDecl] = {
         ("UserApcPendingAll", UCHAR),
     ),
 
-    # Processes ---------------------------------------------------------------------------------
+    # Processes -------------------------------------------------------------------------------
     "_KPROCESS": S(
         ("Header", "_DISPATCHER_HEADER"),
         ("ProfileListHead", "_LIST_ENTRY"),
@@ -329,7 +329,7 @@ TYPES: dict[str, TypeDecl] = {
     ),
     "__anonymous__MM_SESSION_SPACE_u": U(("LongFlags", ULONG)),
 
-    # Threads -----------------------------------------------------------------------------------
+    # Threads ---------------------------------------------------------------------------------
     "_KTHREAD": S(
         ("Header", "_DISPATCHER_HEADER"),
         ("SListFaultAddress", PVOID),
@@ -471,7 +471,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Previous", "_KERNEL_STACK_SEGMENT"),
     ),
 
-    # User-mode process structures ----------------------------------------------------------------
+    # User-mode process structures ------------------------------------------------------------
     "_NT_TIB": S(
         ("ExceptionList", PVOID),
         ("StackBase", PVOID),
@@ -596,7 +596,7 @@ TYPES: dict[str, TypeDecl] = {
         ("EnvironmentVersion", ULL),
     ),
 
-    # Kernel modules --------------------------------------------------------------------------------
+    # Kernel modules --------------------------------------------------------------------------
     "_KLDR_DATA_TABLE_ENTRY": S(
         ("InLoadOrderLinks", "_LIST_ENTRY"),
         ("ExceptionTable", PVOID),
@@ -623,7 +623,7 @@ TYPES: dict[str, TypeDecl] = {
         ("e_res2", "array:10:unsigned short"), ("e_lfanew", "long"),
     ),
 
-    # Virtual address descriptors and mapped files ------------------------------------------------
+    # Virtual address descriptors and mapped files --------------------------------------------
     "_MMVAD_FLAGS": S(*_flags(
         ULONG, ("Lock", 1), ("LockContended", 1), ("DeleteInProgress", 1), ("NoChange", 1),
         ("VadType", 3), ("Protection", 5), ("PreferredNode", 6), ("PageSize", 2),
@@ -642,9 +642,9 @@ TYPES: dict[str, TypeDecl] = {
         ("EndingVpnHigh", UCHAR),
         ("CommitChargeHigh", UCHAR),
         ("ReferenceCount", "long"),
+        ("PushLock", "_EX_PUSH_LOCK"),
         ("u", "__anonymous__MMVAD_SHORT_u"),
         ("u1", "__anonymous__MMVAD_SHORT_u1"),
-        ("PushLock", "_EX_PUSH_LOCK"),
         ("EventList", PVOID),
     ),
     "_MMVAD": S(
@@ -710,7 +710,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Event", "_KEVENT"),
     ),
 
-    # Object manager and pool -------------------------------------------------------------------------
+    # Object manager and pool -----------------------------------------------------------------
     "_OBJECT_HEADER": S(
         ("PointerCount", LL),
         Overlay(("HandleCount", LL), ("NextToFree", PVOID)),
@@ -827,7 +827,7 @@ TYPES: dict[str, TypeDecl] = {
         ("FileObjectFastRef", "_EX_FAST_REF"),
     ),
 
-    # Registry (only so that Volatility's class overrides find their types) -----------------------
+    # Registry (only so that Volatility's class overrides find their types) -------------------
     "_HHIVE": S(("Signature", ULONG)),
     "_CMHIVE": S(
         ("Hive", "_HHIVE"),
@@ -864,7 +864,7 @@ TYPES: dict[str, TypeDecl] = {
     ),
     "_HMAP_ENTRY": S(("BlockOffset", ULL), ("PermanentBinAddress", ULL), ("MemAlloc", ULONG)),
 
-    # System information --------------------------------------------------------------------------
+    # System information ----------------------------------------------------------------------
     # Volatility reads NtMajorVersion at the fixed offset 0x26C while looking for the page
     # tables, and the image builder writes NtBuildNumber at 0x260: the padding keeps the
     # undeclared fields between NtSystemRoot and NtBuildNumber out of the table.
@@ -1175,7 +1175,7 @@ def field_offset(type_name: str, dotted: str) -> int:
     return offset
 
 
-# -- the table ----------------------------------------------------------------------------------
+# -- the table --------------------------------------------------------------------------------
 def build_isf() -> dict[str, Any]:
     """The lab profile as a Volatility ISF dictionary."""
     layouts = layout()
