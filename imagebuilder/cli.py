@@ -17,13 +17,22 @@ from imagebuilder.scenario import ScenarioError, load_scenario
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kcbwait-build-image",
-        description="Build a synthetic Windows x64 memory image and its ground-truth file.")
+        description="Build a synthetic Windows x64 memory image and its ground-truth file.",
+    )
     parser.add_argument("scenario", type=Path, help="scenario JSON file")
-    parser.add_argument("--profile", default="lab",
-                        help="kernel symbol table: 'lab' or a build number (14393 ... 22000)")
+    parser.add_argument(
+        "--profile",
+        default="lab",
+        help="kernel symbol table: 'lab' or a build number (14393 ... 22000)",
+    )
     parser.add_argument("--out", type=Path, default=Path("build/images"), help="output directory")
-    parser.add_argument("--format", dest="formats", action="append", choices=("raw", "dmp"),
-                        help="image format(s); default raw")
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=("raw", "dmp"),
+        help="image format(s); default raw",
+    )
     parser.add_argument("--stem", help="output file stem (default: scenario name + profile)")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -50,8 +50,9 @@ def write_crash_dump(path: Path, image: BuiltImage) -> None:
     header[:] = b"PAGE" * (HEADER_SIZE // 4)
     kernel = image.kernel
     struct.pack_into("<4s4sII", header, 0, b"PAGE", b"DU64", 15, kernel.build)
-    struct.pack_into("<QQQQ", header, 0x10, kernel.space.pml4, 0,
-                     0, kernel.symbol_address("PsActiveProcessHead"))
+    struct.pack_into(
+        "<QQQQ", header, 0x10, kernel.space.pml4, 0, 0, kernel.symbol_address("PsActiveProcessHead")
+    )
     struct.pack_into("<IIII", header, 0x30, 0x8664, 2, 0xE2, 0)  # MANUALLY_INITIATED_CRASH
     struct.pack_into("<QQQQ", header, 0x40, 0, 0, 0, 0)
     struct.pack_into("<Q", header, 0x80, 0)

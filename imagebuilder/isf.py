@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_INT_FORMATS = {(1, False): "B", (1, True): "b", (2, False): "H", (2, True): "h",
-                (4, False): "I", (4, True): "i", (8, False): "Q", (8, True): "q"}
+_INT_FORMATS = {
+    (1, False): "B",
+    (1, True): "b",
+    (2, False): "H",
+    (2, True): "h",
+    (4, False): "I",
+    (4, True): "i",
+    (8, False): "Q",
+    (8, True): "q",
+}
 
 
 class IsfError(ValueError):
@@ -120,13 +128,16 @@ class SymbolTable:
         raise IsfError(f"unknown ISF type kind {kind}")
 
     # -- encoding ----------------------------------------------------------------------
-    def encode(self, type_name: str, path: str, value: Any, current: bytes | None = None) -> tuple[int, bytes]:
+    def encode(
+        self, type_name: str, path: str, value: Any, current: bytes | None = None
+    ) -> tuple[int, bytes]:
         """Bytes to write for ``value`` at field ``path``; bitfields merge into ``current``."""
         fld = self.field(type_name, path)
         return fld.offset, self.encode_type(fld.type, fld.size, value, current)
 
-    def encode_type(self, type_def: dict[str, Any], size: int, value: Any,
-                    current: bytes | None = None) -> bytes:
+    def encode_type(
+        self, type_def: dict[str, Any], size: int, value: Any, current: bytes | None = None
+    ) -> bytes:
         kind = type_def["kind"]
         if kind == "pointer":
             return struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)

@@ -20,8 +20,9 @@ KERNEL_BASE = 0xFFFFF8063A000000  # 2 MiB aligned, as the low-stub search expect
 POOL_START = 0xFFFFB00F00000000
 STACKS_START = 0xFFFFD00A00000000
 KERNEL_STACK_SIZE = 0x6000  # KERNEL_STACK_SIZE on x64 Windows
-_USED_PML4_SLOTS = {(a >> 39) & 0x1FF for a in (KUSER_SHARED_DATA, KERNEL_BASE, POOL_START,
-                                                 STACKS_START)}
+_USED_PML4_SLOTS = {
+    (a >> 39) & 0x1FF for a in (KUSER_SHARED_DATA, KERNEL_BASE, POOL_START, STACKS_START)
+}
 
 # PROCESSOR_START_BLOCK (WRK amd64.h): Jmp {0xE9, offset}, CompletionFlag = 1 at +4,
 # LmTarget at +0x70, ProcessorState.SpecialRegisters.Cr3 at +0xA0.
@@ -34,8 +35,14 @@ class StructWriter:
     def __init__(self, symbols: SymbolTable) -> None:
         self.symbols = symbols
 
-    def put(self, space: AddressSpace, address: int, type_name: str, values: dict[str, Any],
-            optional: bool = False) -> None:
+    def put(
+        self,
+        space: AddressSpace,
+        address: int,
+        type_name: str,
+        values: dict[str, Any],
+        optional: bool = False,
+    ) -> None:
         """Write ``values`` (dotted field path -> value); ``optional`` skips absent fields."""
         for path, value in values.items():
             if optional and not self.symbols.has_field(type_name, path):
@@ -58,8 +65,12 @@ class StructWriter:
     def unicode_string(self, space: AddressSpace, address: int, buffer: int, text: str) -> None:
         data = text.encode("utf-16-le")
         space.write(buffer, data + b"\0\0")
-        self.put(space, address, "_UNICODE_STRING",
-                 {"Length": len(data), "MaximumLength": len(data) + 2, "Buffer": buffer})
+        self.put(
+            space,
+            address,
+            "_UNICODE_STRING",
+            {"Length": len(data), "MaximumLength": len(data) + 2, "Buffer": buffer},
+        )
 
 
 class Kernel:
@@ -116,8 +127,15 @@ class Kernel:
         # MmProtectToValue: the 32 PAGE_* values that MMVAD_FLAGS.Protection indexes
         # (base protections, then NOCACHE 0x200, GUARD 0x100 and WRITECOMBINE 0x400 forms).
         base = [0x01, 0x02, 0x10, 0x20, 0x04, 0x08, 0x40, 0x80]
-        values = base + [0x01] + [v | 0x200 for v in base[1:]] + [0x01] + [
-            v | 0x100 for v in base[1:]] + [0x01] + [v | 0x400 for v in base[1:]]
+        values = (
+            base
+            + [0x01]
+            + [v | 0x200 for v in base[1:]]
+            + [0x01]
+            + [v | 0x100 for v in base[1:]]
+            + [0x01]
+            + [v | 0x400 for v in base[1:]]
+        )
         self.space.write(self.symbol_address("MmProtectToValue"), struct.pack("<32I", *values))
 
     def globals_used(self) -> list[str]:
@@ -133,12 +151,20 @@ class Kernel:
     def write_dispatcher_globals(self, dispatcher: int, dispatcher_return: int) -> None:
         """Where KeUserModeCallback finds ntdll!KiUserCallbackDispatcher (callback-machinery.md)."""
         if self.symbols.has_symbol("KeUserCallbackDispatcher"):
-            self.space.write(self.symbol_address("KeUserCallbackDispatcher"),
-                             struct.pack("<Q", dispatcher))
+            self.space.write(
+                self.symbol_address("KeUserCallbackDispatcher"), struct.pack("<Q", dispatcher)
+            )
         if self.symbols.has_symbol("PsNtdllExports") and self.symbols.has_type("_PS_NTDLL_EXPORTS"):
-            self.writer.put(self.space, self.symbol_address("PsNtdllExports"), "_PS_NTDLL_EXPORTS",
-                            {"KiUserCallbackDispatcher": dispatcher,
-                             "KiUserCallbackDispatcherReturn": dispatcher_return}, optional=True)
+            self.writer.put(
+                self.space,
+                self.symbol_address("PsNtdllExports"),
+                "_PS_NTDLL_EXPORTS",
+                {
+                    "KiUserCallbackDispatcher": dispatcher,
+                    "KiUserCallbackDispatcherReturn": dispatcher_return,
+                },
+                optional=True,
+            )
 
     # -- allocation ------------------------------------------------------------------------
     def pool(self, size: int, tag: bytes) -> int:
@@ -162,6 +188,8 @@ class Kernel:
         return base, limit
 
     def new_process_space(self) -> AddressSpace:
-        space = AddressSpace(self.memory, self.memory.alloc(), self.self_ref_index, kernel=self.space)
+        space = AddressSpace(
+            self.memory, self.memory.alloc(), self.self_ref_index, kernel=self.space
+        )
         space.map_page(KUSER_SHARED_DATA_USER, self.kuser_pa)
         return space

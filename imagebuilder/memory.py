@@ -108,8 +108,13 @@ class AddressSpace:
     shares the kernel half between all address spaces.
     """
 
-    def __init__(self, memory: PhysicalMemory, pml4: int, self_ref_index: int,
-                 kernel: AddressSpace | None = None) -> None:
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        pml4: int,
+        self_ref_index: int,
+        kernel: AddressSpace | None = None,
+    ) -> None:
         self.memory = memory
         self.pml4 = pml4
         self.kernel = kernel

@@ -61,7 +61,7 @@ class PeImage:
         sec.data[start : start + len(data)] = data
 
     def build_exports(self, section: str, rva: int) -> None:
-        """Write the export directory at ``rva``: names sorted, as the loader's binary search needs."""
+        """Write the export directory at ``rva``, names sorted for the loader's binary search."""
         names = sorted(self.exports)
         functions = sorted(set(self.exports.values()))
         index_of = {f: i for i, f in enumerate(functions)}
@@ -96,7 +96,7 @@ class PeImage:
 
     def __bytes__(self) -> bytes:
         image = bytearray(self.size_of_image)
-        image[: PAGE] = self._headers()
+        image[:PAGE] = self._headers()
         for sec in self.sections:
             image[sec.rva : sec.rva + len(sec.data)] = sec.data
         return bytes(image)
@@ -110,17 +110,59 @@ class PeImage:
         n_sections = len(self.sections)
         characteristics = 0x2022 if self.dll else 0x0022  # EXECUTABLE | LARGE_ADDRESS_AWARE (| DLL)
         hdr[e_lfanew : e_lfanew + 4] = b"PE\0\0"
-        struct.pack_into("<HHIIIHH", hdr, e_lfanew + 4, IMAGE_FILE_MACHINE_AMD64, n_sections,
-                         0x5F000000, 0, 0, 0xF0, characteristics)
+        struct.pack_into(
+            "<HHIIIHH",
+            hdr,
+            e_lfanew + 4,
+            IMAGE_FILE_MACHINE_AMD64,
+            n_sections,
+            0x5F000000,
+            0,
+            0,
+            0xF0,
+            characteristics,
+        )
         opt = e_lfanew + 24
         code = [s for s in self.sections if s.characteristics == _SCN_CODE]
-        struct.pack_into("<HBBIIIII", hdr, opt, 0x20B, 14, 0,
-                         sum(s.virtual_size for s in code), 0, 0,
-                         code[0].rva if code else 0, code[0].rva if code else 0)
-        struct.pack_into("<QIIHHHHHHIIIIHHQQQQII", hdr, opt + 24,
-                         0, PAGE, PAGE, 10, 0, 10, 0, 10, 0, 0,
-                         self.size_of_image, PAGE, 0, 3 if self.dll else 1, 0x160,
-                         0x100000, 0x1000, 0x100000, 0x1000, 0, 16)
+        struct.pack_into(
+            "<HBBIIIII",
+            hdr,
+            opt,
+            0x20B,
+            14,
+            0,
+            sum(s.virtual_size for s in code),
+            0,
+            0,
+            code[0].rva if code else 0,
+            code[0].rva if code else 0,
+        )
+        struct.pack_into(
+            "<QIIHHHHHHIIIIHHQQQQII",
+            hdr,
+            opt + 24,
+            0,
+            PAGE,
+            PAGE,
+            10,
+            0,
+            10,
+            0,
+            10,
+            0,
+            0,
+            self.size_of_image,
+            PAGE,
+            0,
+            3 if self.dll else 1,
+            0x160,
+            0x100000,
+            0x1000,
+            0x100000,
+            0x1000,
+            0,
+            16,
+        )
         # ImageBase stays 0 in the header; the caller relocates nothing, so it patches the
         # real base in with set_image_base() once the image has an address.
         dirs = opt + 112
@@ -129,19 +171,38 @@ class PeImage:
             struct.pack_into("<II", hdr, dirs + 3 * 8, self.pdata_rva, 12 * len(self.pdata))
         sec_table = opt + 0xF0
         for i, sec in enumerate(self.sections):
-            struct.pack_into("<8sIIIIIIHHI", hdr, sec_table + 40 * i, sec.name.encode()[:8],
-                             _page_up(sec.virtual_size), sec.rva, _page_up(sec.virtual_size),
-                             sec.rva, 0, 0, 0, 0, sec.characteristics)
+            struct.pack_into(
+                "<8sIIIIIIHHI",
+                hdr,
+                sec_table + 40 * i,
+                sec.name.encode()[:8],
+                _page_up(sec.virtual_size),
+                sec.rva,
+                _page_up(sec.virtual_size),
+                sec.rva,
+                0,
+                0,
+                0,
+                0,
+                sec.characteristics,
+            )
         if self.codeview:
             # IMAGE_DEBUG_DIRECTORY and the RSDS record live in the header page, so the
             # debug data is found the same way in memory and in a rebuilt file view.
             debug_dir = sec_table + 40 * n_sections + 0x20
             record = debug_dir + 28 + 4
             guid_hex, age, pdb = self.codeview
-            rsds = b"RSDS" + uuid.UUID(hex=guid_hex).bytes_le + struct.pack("<I", age) + pdb.encode() + b"\0"
+            rsds = (
+                b"RSDS"
+                + uuid.UUID(hex=guid_hex).bytes_le
+                + struct.pack("<I", age)
+                + pdb.encode()
+                + b"\0"
+            )
             hdr[record : record + len(rsds)] = rsds
-            struct.pack_into("<IIHHIIII", hdr, debug_dir, 0, 0x5F000000, 0, 0, 2,
-                             len(rsds), record, record)
+            struct.pack_into(
+                "<IIHHIIII", hdr, debug_dir, 0, 0x5F000000, 0, 0, 2, len(rsds), record, record
+            )
             struct.pack_into("<II", hdr, dirs + 6 * 8, debug_dir, 28)
         return bytes(hdr)
 
@@ -161,5 +222,6 @@ def _page_up(value: int) -> int:
 def new_image(name: str, size_of_image: int, sections: list[tuple[str, int, int]]) -> PeImage:
     """An image with empty sections: (name, rva, kind) where kind is 'code', 'rdata' or 'data'."""
     kinds = {"code": _SCN_CODE, "rdata": _SCN_RDATA, "data": _SCN_DATA}
-    return PeImage(name, size_of_image,
-                   [Section(n, rva, bytearray(), kinds[k]) for n, rva, k in sections])
+    return PeImage(
+        name, size_of_image, [Section(n, rva, bytearray(), kinds[k]) for n, rva, k in sections]
+    )

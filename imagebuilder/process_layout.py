@@ -98,10 +98,19 @@ class ModuleMapper:
         k, w = self.kernel, self.kernel.writer
         file_object = k.pool_object("_FILE_OBJECT", b"File")
         name_buffer = k.pool(len(module.path) * 2 + 2, b"FMfn")
-        w.unicode_string(k.space, file_object + k.symbols.offset("_FILE_OBJECT", "FileName"),
-                         name_buffer, module.path)
-        w.put(k.space, file_object, "_FILE_OBJECT", {"Type": 5, "Size": k.symbols.size("_FILE_OBJECT")},
-              optional=True)
+        w.unicode_string(
+            k.space,
+            file_object + k.symbols.offset("_FILE_OBJECT", "FileName"),
+            name_buffer,
+            module.path,
+        )
+        w.put(
+            k.space,
+            file_object,
+            "_FILE_OBJECT",
+            {"Type": 5, "Size": k.symbols.size("_FILE_OBJECT")},
+            optional=True,
+        )
         control_area = k.pool_object("_CONTROL_AREA", b"MmCa")
         # _EX_FAST_REF keeps a reference count in the low 4 bits of the pointer.
         w.put(k.space, control_area, "_CONTROL_AREA", {"FilePointer.Value": file_object | 0x3})
@@ -118,18 +127,35 @@ def write_vad_tree(kernel: Kernel, mapper: ModuleMapper, proc: ProcessLayout) ->
         if vad.module is not None:
             node = k.pool_object("_MMVAD", b"Vad ")
             subsection = k.pool_object("_SUBSECTION", b"MmSb")
-            w.put(k.space, subsection, "_SUBSECTION", {"ControlArea": mapper.control_area(vad.module)})
+            w.put(
+                k.space, subsection, "_SUBSECTION", {"ControlArea": mapper.control_area(vad.module)}
+            )
             w.put(k.space, node, "_MMVAD", {"Subsection": subsection})
-            flags = {"u.VadFlags.VadType": VAD_IMAGE_MAP, "u.VadFlags.Protection": MM_EXECUTE_WRITECOPY,
-                     "u.VadFlags.PrivateMemory": 0}
+            flags = {
+                "u.VadFlags.VadType": VAD_IMAGE_MAP,
+                "u.VadFlags.Protection": MM_EXECUTE_WRITECOPY,
+                "u.VadFlags.PrivateMemory": 0,
+            }
         else:
             node = k.pool_object("_MMVAD_SHORT", b"VadS")
-            flags = {"u.VadFlags.VadType": 0, "u.VadFlags.Protection": MM_READWRITE,
-                     "u.VadFlags.PrivateMemory": 1}
+            flags = {
+                "u.VadFlags.VadType": 0,
+                "u.VadFlags.Protection": MM_READWRITE,
+                "u.VadFlags.PrivateMemory": 1,
+            }
         start_vpn, end_vpn = vad.start >> 12, vad.end >> 12
-        w.put(k.space, node, "_MMVAD_SHORT", {
-            "StartingVpn": start_vpn & 0xFFFFFFFF, "StartingVpnHigh": start_vpn >> 32,
-            "EndingVpn": end_vpn & 0xFFFFFFFF, "EndingVpnHigh": end_vpn >> 32, **flags})
+        w.put(
+            k.space,
+            node,
+            "_MMVAD_SHORT",
+            {
+                "StartingVpn": start_vpn & 0xFFFFFFFF,
+                "StartingVpnHigh": start_vpn >> 32,
+                "EndingVpn": end_vpn & 0xFFFFFFFF,
+                "EndingVpnHigh": end_vpn >> 32,
+                **flags,
+            },
+        )
         nodes.append(node)
     vad_node = sym.offset("_MMVAD_SHORT", "VadNode")
 
@@ -140,8 +166,12 @@ def write_vad_tree(kernel: Kernel, mapper: ModuleMapper, proc: ProcessLayout) ->
         node = nodes[mid]
         left = link(lo, mid - 1, node)
         right = link(mid + 1, hi, node)
-        w.put(k.space, node + vad_node, "_RTL_BALANCED_NODE",
-              {"Left": left, "Right": right, "ParentValue": parent})
+        w.put(
+            k.space,
+            node + vad_node,
+            "_RTL_BALANCED_NODE",
+            {"Left": left, "Right": right, "ParentValue": parent},
+        )
         return node
 
     return link(0, len(nodes) - 1, 0)
@@ -151,28 +181,53 @@ def write_loader_data(kernel: Kernel, proc: ProcessLayout) -> int:
     """PEB_LDR_DATA with the three module lists; the EXE is not in initialization order."""
     w, sym, space = kernel.writer, kernel.symbols, proc.space
     ldr = proc.heap(sym.size("_PEB_LDR_DATA"))
-    w.put(space, ldr, "_PEB_LDR_DATA", {"Length": sym.size("_PEB_LDR_DATA"), "Initialized": 1},
-          optional=True)
+    w.put(
+        space,
+        ldr,
+        "_PEB_LDR_DATA",
+        {"Length": sym.size("_PEB_LDR_DATA"), "Initialized": 1},
+        optional=True,
+    )
     lists = {"InLoadOrderLinks": [], "InMemoryOrderLinks": [], "InInitializationOrderLinks": []}
     for index, module in enumerate([proc.exe, *proc.modules]):
         entry = proc.heap(sym.size("_LDR_DATA_TABLE_ENTRY"))
         full = proc.heap(len(module.path) * 2 + 2)
         base_name = proc.heap(len(module.name) * 2 + 2)
-        w.unicode_string(space, entry + sym.offset("_LDR_DATA_TABLE_ENTRY", "FullDllName"), full,
-                         f"C:{module.path}")
-        w.unicode_string(space, entry + sym.offset("_LDR_DATA_TABLE_ENTRY", "BaseDllName"),
-                         base_name, module.name)
-        w.put(space, entry, "_LDR_DATA_TABLE_ENTRY", {
-            "DllBase": module.base, "SizeOfImage": module.size, "EntryPoint": module.base + 0x1000,
-            "LoadCount": 0xFFFF, "ObsoleteLoadCount": 0xFFFF, "LoadTime.QuadPart": FILETIME_2024,
-        }, optional=True)
+        w.unicode_string(
+            space,
+            entry + sym.offset("_LDR_DATA_TABLE_ENTRY", "FullDllName"),
+            full,
+            f"C:{module.path}",
+        )
+        w.unicode_string(
+            space,
+            entry + sym.offset("_LDR_DATA_TABLE_ENTRY", "BaseDllName"),
+            base_name,
+            module.name,
+        )
+        w.put(
+            space,
+            entry,
+            "_LDR_DATA_TABLE_ENTRY",
+            {
+                "DllBase": module.base,
+                "SizeOfImage": module.size,
+                "EntryPoint": module.base + 0x1000,
+                "LoadCount": 0xFFFF,
+                "ObsoleteLoadCount": 0xFFFF,
+                "LoadTime.QuadPart": FILETIME_2024,
+            },
+            optional=True,
+        )
         for list_name in lists:
             if list_name == "InInitializationOrderLinks" and index == 0:
                 continue
             lists[list_name].append(entry + sym.offset("_LDR_DATA_TABLE_ENTRY", list_name))
-    heads = {"InLoadOrderLinks": "InLoadOrderModuleList",
-             "InMemoryOrderLinks": "InMemoryOrderModuleList",
-             "InInitializationOrderLinks": "InInitializationOrderModuleList"}
+    heads = {
+        "InLoadOrderLinks": "InLoadOrderModuleList",
+        "InMemoryOrderLinks": "InMemoryOrderModuleList",
+        "InInitializationOrderLinks": "InInitializationOrderModuleList",
+    }
     for list_name, head in heads.items():
         w.list_ring(space, ldr + sym.offset("_PEB_LDR_DATA", head), lists[list_name])
     return ldr

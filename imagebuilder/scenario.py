@@ -77,8 +77,19 @@ def load_scenario(path: str | Path) -> Scenario:
 def parse_scenario(data: Any) -> Scenario:
     where = "scenario"
     obj = _mapping(data, where)
-    _only(obj, where, {"name", "processes", "seed", "memory_mb", "system_threads",
-                       "ntdll_zw_alias", "callback_table_size"})
+    _only(
+        obj,
+        where,
+        {
+            "name",
+            "processes",
+            "seed",
+            "memory_mb",
+            "system_threads",
+            "ntdll_zw_alias",
+            "callback_table_size",
+        },
+    )
     table_size = _int(obj.get("callback_table_size", 128), f"{where}.callback_table_size", 1, 4096)
     processes = tuple(
         _process(p, f"{where}.processes[{i}]", table_size)
@@ -99,47 +110,69 @@ def parse_scenario(data: Any) -> Scenario:
 
 def _process(data: Any, where: str, table_size: int) -> Process:
     obj = _mapping(data, where)
-    _only(obj, where, {"pid", "name", "ppid", "modules", "threads", "wow64",
-                       "callback_overrides", "page_out"})
+    _only(
+        obj,
+        where,
+        {"pid", "name", "ppid", "modules", "threads", "wow64", "callback_overrides", "page_out"},
+    )
     pid = _int(obj.get("pid"), f"{where}.pid", 8, 0xFFFFFFFC)
     if pid % 4:
         raise ScenarioError(f"{where}.pid: {pid} is not a multiple of 4 (Windows ids are)")
-    modules = tuple(_str(m, f"{where}.modules[{i}]")
-                    for i, m in enumerate(_list(obj.get("modules", list(KNOWN_MODULES[:3])),
-                                                f"{where}.modules")))
+    modules = tuple(
+        _str(m, f"{where}.modules[{i}]")
+        for i, m in enumerate(
+            _list(obj.get("modules", list(KNOWN_MODULES[:3])), f"{where}.modules")
+        )
+    )
     for required in ("ntdll.dll",):
         if required not in modules:
             raise ScenarioError(f"{where}.modules: every user process maps {required}")
     if len(set(m.lower() for m in modules)) != len(modules):
         raise ScenarioError(f"{where}.modules: a module is listed twice")
     overrides: dict[int, str] = {}
-    for key, value in _mapping(obj.get("callback_overrides", {}),
-                               f"{where}.callback_overrides").items():
-        api = _int(_as_int(key, f"{where}.callback_overrides key"),
-                   f"{where}.callback_overrides key", 0, table_size - 1)
+    for key, value in _mapping(
+        obj.get("callback_overrides", {}), f"{where}.callback_overrides"
+    ).items():
+        api = _int(
+            _as_int(key, f"{where}.callback_overrides key"),
+            f"{where}.callback_overrides key",
+            0,
+            table_size - 1,
+        )
         target = _str(value, f"{where}.callback_overrides[{key}]")
         if target != "private" and target not in modules:
             raise ScenarioError(
                 f"{where}.callback_overrides[{key}]: {target} is not one of the process's modules"
             )
         overrides[api] = target
-    page_out = tuple(_str(p, f"{where}.page_out[{i}]")
-                     for i, p in enumerate(_list(obj.get("page_out", []), f"{where}.page_out")))
+    page_out = tuple(
+        _str(p, f"{where}.page_out[{i}]")
+        for i, p in enumerate(_list(obj.get("page_out", []), f"{where}.page_out"))
+    )
     for item in page_out:
         if item not in PAGE_OUT_TARGETS:
-            raise ScenarioError(f"{where}.page_out: unknown target {item!r}; "
-                                f"known: {', '.join(PAGE_OUT_TARGETS)}")
-    threads = tuple(_thread(t, f"{where}.threads[{i}]", modules, table_size)
-                    for i, t in enumerate(_list(obj.get("threads"), f"{where}.threads")))
+            raise ScenarioError(
+                f"{where}.page_out: unknown target {item!r}; known: {', '.join(PAGE_OUT_TARGETS)}"
+            )
+    threads = tuple(
+        _thread(t, f"{where}.threads[{i}]", modules, table_size)
+        for i, t in enumerate(_list(obj.get("threads"), f"{where}.threads"))
+    )
     if not threads:
         raise ScenarioError(f"{where}.threads: a process needs at least one thread")
     name = _str(obj.get("name"), f"{where}.name")
     if not 0 < len(name.encode("latin-1", "replace")) <= 14:
         raise ScenarioError(f"{where}.name: 1 to 14 characters (EPROCESS.ImageFileName)")
-    return Process(pid=pid, name=name, ppid=_int(obj.get("ppid", 4), f"{where}.ppid", 0, 2**32),
-                   modules=modules, threads=threads,
-                   wow64=_bool(obj.get("wow64", False), f"{where}.wow64"),
-                   callback_overrides=overrides, page_out=page_out)
+    return Process(
+        pid=pid,
+        name=name,
+        ppid=_int(obj.get("ppid", 4), f"{where}.ppid", 0, 2**32),
+        modules=modules,
+        threads=threads,
+        wow64=_bool(obj.get("wow64", False), f"{where}.wow64"),
+        callback_overrides=overrides,
+        page_out=page_out,
+    )
 
 
 def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) -> Thread:
@@ -165,8 +198,13 @@ def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) ->
         _check_syscall(name, where, modules)
     if wait in ("NtCallbackReturn", "ZwCallbackReturn") and not callbacks:
         pass  # allowed: an anomaly the plugin must still report as at-return
-    return Thread(tid=tid, kind=kind, wait=wait, callbacks=callbacks,
-                  wait_reason=_str(obj.get("wait_reason", "UserRequest"), f"{where}.wait_reason"))
+    return Thread(
+        tid=tid,
+        kind=kind,
+        wait=wait,
+        callbacks=callbacks,
+        wait_reason=_str(obj.get("wait_reason", "UserRequest"), f"{where}.wait_reason"),
+    )
 
 
 def _callback(data: Any, where: str, table_size: int) -> Callback:
@@ -254,4 +292,6 @@ def _int(value: Any, where: str, low: int, high: int) -> int:
 def _only(obj: dict[str, Any], where: str, allowed: set[str]) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise ScenarioError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+        raise ScenarioError(
+            f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})"
+        )

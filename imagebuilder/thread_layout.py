@@ -48,10 +48,18 @@ class StackFacts:
     stack_limit: int
 
 
-def lay_out_user_thread(kernel: Kernel, space: AddressSpace, rng: random.Random, *,
-                        stack_base: int, syscall_rips: list[int], caller_return: int,
-                        calls: list[tuple[int, int, int]], dispatcher_return: int,
-                        dispatcher_range: tuple[int, int]) -> tuple[StackFacts, dict[str, int]]:
+def lay_out_user_thread(
+    kernel: Kernel,
+    space: AddressSpace,
+    rng: random.Random,
+    *,
+    stack_base: int,
+    syscall_rips: list[int],
+    caller_return: int,
+    calls: list[tuple[int, int, int]],
+    dispatcher_return: int,
+    dispatcher_range: tuple[int, int],
+) -> tuple[StackFacts, dict[str, int]]:
     """Write the user stack and the kernel stack segments of one thread.
 
     ``syscall_rips[j]`` is the Rip of trap frame T(j) (after the ``syscall`` instruction);
@@ -71,9 +79,13 @@ def lay_out_user_thread(kernel: Kernel, space: AddressSpace, rng: random.Random,
         frame = (prev_rsp - (((length + 15) & ~15) + UCALLOUT_FRAME_SIZE)) & ~0xF
         buffer = frame + UCALLOUT_FRAME_SIZE
         space.write(buffer, bytes(rng.getrandbits(8) for _ in range(length)))
-        space.write(frame, struct.pack("<QQQQQII", 0, 0, 0, 0, buffer, length, api)
-                    + struct.pack("<QQQQQ", syscall_rips[level - 1], USER_CS, USER_EFLAGS,
-                                  prev_rsp, USER_SS))
+        space.write(
+            frame,
+            struct.pack("<QQQQQII", 0, 0, 0, 0, buffer, length, api)
+            + struct.pack(
+                "<QQQQQ", syscall_rips[level - 1], USER_CS, USER_EFLAGS, prev_rsp, USER_SS
+            ),
+        )
         space.write(frame - 8, struct.pack("<Q", dispatcher_return))
         # The handler's own frames, then the call into the next system-call stub.
         gap = 0x30 + 16 * rng.randint(1, 40)
@@ -81,8 +93,9 @@ def lay_out_user_thread(kernel: Kernel, space: AddressSpace, rng: random.Random,
         junk = [_junk(rng, dispatcher_range) for _ in range((gap - 8) // 8)]
         space.write(handler_rsp + 8, struct.pack(f"<{len(junk)}Q", *junk))
         space.write(handler_rsp, struct.pack("<Q", handler + 4))
-        frames.append(FrameFact(level, frame, api, handler, buffer, length,
-                                syscall_rips[level - 1], prev_rsp))
+        frames.append(
+            FrameFact(level, frame, api, handler, buffer, length, syscall_rips[level - 1], prev_rsp)
+        )
         user_rsp.append(handler_rsp)
         lowest = handler_rsp
     stack_limit = (lowest & ~(PAGE - 1)) - PAGE
@@ -100,30 +113,67 @@ def lay_out_user_thread(kernel: Kernel, space: AddressSpace, rng: random.Random,
     for level in range(1, levels + 1):
         below = segments[level - 1][3]
         frame = (below - _KCALLOUT_GAP - sym.size("_KEXCEPTION_FRAME")) & ~0xF
-        w.put(kernel.space, frame, "_KEXCEPTION_FRAME",
-              {"TrapFrame": below, "OutputBuffer": 0, "OutputLength": 0,
-               "Return": kernel.symbol_address("PsActiveProcessHead") & ~0xFFF | 0x1234},
-              optional=True)
+        w.put(
+            kernel.space,
+            frame,
+            "_KEXCEPTION_FRAME",
+            {
+                "TrapFrame": below,
+                "OutputBuffer": 0,
+                "OutputLength": 0,
+                "Return": kernel.symbol_address("PsActiveProcessHead") & ~0xFFF | 0x1234,
+            },
+            optional=True,
+        )
         callout_frames.append(frame)
     for index, (base, limit, initial, trap) in enumerate(segments):
-        previous = {"Previous.StackBase": 0, "Previous.StackLimit": 0,
-                    "Previous.KernelStack": 0, "Previous.InitialStack": 0}
+        previous = {
+            "Previous.StackBase": 0,
+            "Previous.StackLimit": 0,
+            "Previous.KernelStack": 0,
+            "Previous.InitialStack": 0,
+        }
         if index:
             pbase, plimit, pinitial, _ = segments[index - 1]
-            previous = {"Previous.StackBase": pbase, "Previous.StackLimit": plimit,
-                        "Previous.KernelStack": callout_frames[index - 1],
-                        "Previous.InitialStack": pinitial}
-        w.put(kernel.space, initial, "_KSTACK_CONTROL",
-              {"StackBase": base, "ActualLimit": limit, **previous})
+            previous = {
+                "Previous.StackBase": pbase,
+                "Previous.StackLimit": plimit,
+                "Previous.KernelStack": callout_frames[index - 1],
+                "Previous.InitialStack": pinitial,
+            }
+        w.put(
+            kernel.space,
+            initial,
+            "_KSTACK_CONTROL",
+            {"StackBase": base, "ActualLimit": limit, **previous},
+        )
         # T(j): Rsp rewritten to the next level's UCALLOUT_FRAME where one exists.
         rsp_j = frames[index].frame if index < levels else user_rsp[index]
-        w.put(kernel.space, trap, "_KTRAP_FRAME",
-              {"Rip": syscall_rips[index], "Rsp": rsp_j, "SegCs": USER_CS, "SegSs": USER_SS,
-               "EFlags": USER_EFLAGS, "PreviousMode": 1, "Rbp": rsp_j + 0x40}, optional=True)
+        w.put(
+            kernel.space,
+            trap,
+            "_KTRAP_FRAME",
+            {
+                "Rip": syscall_rips[index],
+                "Rsp": rsp_j,
+                "SegCs": USER_CS,
+                "SegSs": USER_SS,
+                "EFlags": USER_EFLAGS,
+                "PreviousMode": 1,
+                "Rbp": rsp_j + 0x40,
+            },
+            optional=True,
+        )
     base, limit, initial, trap = segments[-1]
     facts = StackFacts(trap, syscall_rips[-1], user_rsp[-1], tuple(frames), stack_base, stack_limit)
-    kthread = {"InitialStack": initial, "StackBase": base, "StackLimit": limit,
-               "KernelStack": trap - 0x300, "TrapFrame": trap, "CallbackNestingLevel": levels}
+    kthread = {
+        "InitialStack": initial,
+        "StackBase": base,
+        "StackLimit": limit,
+        "KernelStack": trap - 0x300,
+        "TrapFrame": trap,
+        "CallbackNestingLevel": levels,
+    }
     return facts, kthread
 
 
@@ -131,9 +181,17 @@ def lay_out_kernel_thread(kernel: Kernel) -> dict[str, int]:
     """A thread that never entered from user mode: one stack, no trap frame."""
     base, limit = kernel.kernel_stack()
     initial = base - kernel.symbols.size("_KSTACK_CONTROL")
-    kernel.writer.put(kernel.space, initial, "_KSTACK_CONTROL", {"StackBase": base, "ActualLimit": limit})
-    return {"InitialStack": initial, "StackBase": base, "StackLimit": limit,
-            "KernelStack": initial - 0x400, "TrapFrame": 0, "CallbackNestingLevel": 0}
+    kernel.writer.put(
+        kernel.space, initial, "_KSTACK_CONTROL", {"StackBase": base, "ActualLimit": limit}
+    )
+    return {
+        "InitialStack": initial,
+        "StackBase": base,
+        "StackLimit": limit,
+        "KernelStack": initial - 0x400,
+        "TrapFrame": 0,
+        "CallbackNestingLevel": 0,
+    }
 
 
 def _junk(rng: random.Random, avoid: tuple[int, int]) -> int:

@@ -23,8 +23,9 @@ def symbolize(address: int | None, modules: list[ModuleImage]) -> str | None:
         rva = address - module.base
         best: tuple[int, str] | None = None
         for name, export_rva in module.exports.items():
-            if export_rva <= rva and (best is None or export_rva > best[0]
-                                      or (export_rva == best[0] and name < best[1])):
+            if export_rva <= rva and (
+                best is None or export_rva > best[0] or (export_rva == best[0] and name < best[1])
+            ):
                 best = (export_rva, name)
         if best is not None and rva - best[0] < NEAR_EXPORT:
             offset = rva - best[0]
@@ -51,24 +52,69 @@ def reason(at_return: bool, in_callback: bool) -> str:
     return "none"
 
 
-def thread_record(*, pid: int, tid: int, process: str, wow64: bool, state: str, wait_reason: str,
-                  nesting: int, rip: int | None, rsp: int | None, modules: list[ModuleImage],
-                  stub: tuple[int, int], frames: list[dict[str, Any]], notes: str) -> dict[str, Any]:
+def thread_record(
+    *,
+    pid: int,
+    tid: int,
+    process: str,
+    wow64: bool,
+    state: str,
+    wait_reason: str,
+    nesting: int,
+    rip: int | None,
+    rsp: int | None,
+    modules: list[ModuleImage],
+    stub: tuple[int, int],
+    frames: list[dict[str, Any]],
+    notes: str,
+) -> dict[str, Any]:
     at_return = rip is not None and stub[0] <= rip < stub[1]
     in_callback = nesting > 0 or bool(frames)
     return {
-        "pid": pid, "tid": tid, "process": process, "wow64": wow64,
-        "reason": reason(at_return, in_callback), "state": state, "wait_reason": wait_reason,
-        "nesting_level": nesting, "rip": rip, "symbol": symbolize(rip, modules), "rsp": rsp,
-        "kernel_side": ("agrees" if all(f["kernel_side"] == "agrees" for f in frames) else "mismatch")
-        if frames else None,
-        "notes": notes, "frames": frames,
+        "pid": pid,
+        "tid": tid,
+        "process": process,
+        "wow64": wow64,
+        "reason": reason(at_return, in_callback),
+        "state": state,
+        "wait_reason": wait_reason,
+        "nesting_level": nesting,
+        "rip": rip,
+        "symbol": symbolize(rip, modules),
+        "rsp": rsp,
+        "kernel_side": (
+            "agrees" if all(f["kernel_side"] == "agrees" for f in frames) else "mismatch"
+        )
+        if frames
+        else None,
+        "notes": notes,
+        "frames": frames,
     }
 
 
-def frame_record(*, level: int, rip: int, rsp: int, frame: int, api: int, handler: int,
-                 buffer: int, length: int, modules: list[ModuleImage]) -> dict[str, Any]:
-    return {"level": level, "rip": rip, "symbol": symbolize(rip, modules), "rsp": rsp,
-            "frame": frame, "api_number": api, "handler": handler,
-            "handler_symbol": symbolize(handler, modules), "buffer": buffer, "length": length,
-            "kernel_side": "agrees", "notes": ""}
+def frame_record(
+    *,
+    level: int,
+    rip: int,
+    rsp: int,
+    frame: int,
+    api: int,
+    handler: int,
+    buffer: int,
+    length: int,
+    modules: list[ModuleImage],
+) -> dict[str, Any]:
+    return {
+        "level": level,
+        "rip": rip,
+        "symbol": symbolize(rip, modules),
+        "rsp": rsp,
+        "frame": frame,
+        "api_number": api,
+        "handler": handler,
+        "handler_symbol": symbolize(handler, modules),
+        "buffer": buffer,
+        "length": length,
+        "kernel_side": "agrees",
+        "notes": "",
+    }

@@ -12,23 +12,50 @@ from dataclasses import dataclass, field
 
 from imagebuilder.pe_image import new_image, set_image_base
 
-NTDLL_SYSCALLS = ("NtWaitForSingleObject", "NtWaitForMultipleObjects", "NtDelayExecution",
-                  "NtRemoveIoCompletion", "NtReadFile", "NtCallbackReturn",
-                  "NtWaitForAlertByThreadId", "NtQueryInformationThread")
-WIN32U_SYSCALLS = ("NtUserGetMessage", "NtUserDispatchMessage", "NtUserMessageCall",
-                   "NtUserPeekMessage", "NtUserWaitMessage", "NtUserCallHwndLock",
-                   "NtUserSetWindowPos", "NtUserCreateWindowEx", "NtUserShowWindow",
-                   "NtGdiBitBlt")
-USER32_EXPORTS = ("GetMessageW", "DispatchMessageW", "PeekMessageW", "SendMessageW",
-                  "CreateWindowExW", "DefWindowProcW", "CallWindowProcW", "ShowWindow")
+NTDLL_SYSCALLS = (
+    "NtWaitForSingleObject",
+    "NtWaitForMultipleObjects",
+    "NtDelayExecution",
+    "NtRemoveIoCompletion",
+    "NtReadFile",
+    "NtCallbackReturn",
+    "NtWaitForAlertByThreadId",
+    "NtQueryInformationThread",
+)
+WIN32U_SYSCALLS = (
+    "NtUserGetMessage",
+    "NtUserDispatchMessage",
+    "NtUserMessageCall",
+    "NtUserPeekMessage",
+    "NtUserWaitMessage",
+    "NtUserCallHwndLock",
+    "NtUserSetWindowPos",
+    "NtUserCreateWindowEx",
+    "NtUserShowWindow",
+    "NtGdiBitBlt",
+)
+USER32_EXPORTS = (
+    "GetMessageW",
+    "DispatchMessageW",
+    "PeekMessageW",
+    "SendMessageW",
+    "CreateWindowExW",
+    "DefWindowProcW",
+    "CallWindowProcW",
+    "ShowWindow",
+)
 
 STUB_SPACING = 0x20
 SYSCALL_RETURN = 0x14  # Rip after `syscall` in mov r10,rcx/mov eax/test/jne/syscall
 _CALL_TABLE_OFFSET = 0x1F  # return address of `call [r8+r9*8]` inside the dispatcher
 
 # Bases are per boot, the same in every process (ASLR randomises per boot, not per process).
-MODULE_BASES = {"ntdll.dll": 0x7FFB_A1C0_0000, "win32u.dll": 0x7FFB_A0E0_0000,
-                "user32.dll": 0x7FFB_9F60_0000, "kernel32.dll": 0x7FFB_9E80_0000}
+MODULE_BASES = {
+    "ntdll.dll": 0x7FFB_A1C0_0000,
+    "win32u.dll": 0x7FFB_A0E0_0000,
+    "user32.dll": 0x7FFB_9F60_0000,
+    "kernel32.dll": 0x7FFB_9E80_0000,
+}
 OTHER_DLL_BASE = 0x7FFB_4000_0000
 EXE_BASE = 0x7FF6_1234_0000
 
@@ -57,27 +84,32 @@ class ModuleImage:
 
 def syscall_stub(number: int) -> bytes:
     """x64 system-call stub as ntdll and win32u carry it."""
-    return (b"\x4c\x8b\xd1"  # mov r10, rcx
-            + b"\xb8" + struct.pack("<I", number)  # mov eax, N
-            + b"\xf6\x04\x25\x08\x03\xfe\x7f\x01"  # test byte ptr [7FFE0308h], 1
-            + b"\x75\x03"  # jne +3 (int 2Eh path)
-            + b"\x0f\x05"  # syscall
-            + b"\xc3"  # ret
-            + b"\xcd\x2e"  # int 2Eh
-            + b"\xc3")  # ret
+    return (
+        b"\x4c\x8b\xd1"  # mov r10, rcx
+        + b"\xb8"
+        + struct.pack("<I", number)  # mov eax, N
+        + b"\xf6\x04\x25\x08\x03\xfe\x7f\x01"  # test byte ptr [7FFE0308h], 1
+        + b"\x75\x03"  # jne +3 (int 2Eh path)
+        + b"\x0f\x05"  # syscall
+        + b"\xc3"  # ret
+        + b"\xcd\x2e"  # int 2Eh
+        + b"\xc3"
+    )  # ret
 
 
 def _dispatcher_code() -> bytes:
     # KiUserCallbackDispatcher: reads Buffer/Length/ApiNumber from the UCALLOUT_FRAME at
     # [rsp+20h..2Ch] and calls PEB->KernelCallbackTable[ApiNumber] (ReactOS dispatch.S).
-    code = (b"\x48\x8b\x4c\x24\x20"  # mov rcx, [rsp+20h]   Buffer
-            b"\x8b\x54\x24\x28"  # mov edx, [rsp+28h]       Length
-            b"\x44\x8b\x4c\x24\x2c"  # mov r9d, [rsp+2Ch]   ApiNumber
-            b"\x65\x48\x8b\x04\x25\x60\x00\x00\x00"  # mov rax, gs:[60h]  PEB
-            b"\x4c\x8b\x40\x58"  # mov r8, [rax+58h]        KernelCallbackTable
-            b"\x43\xff\x14\xc8"  # call [r8+r9*8]
-            b"\x33\xc9\x33\xd2\x8b\xc8"  # xor ecx,ecx; xor edx,edx; mov ecx,eax
-            b"\xcc")
+    code = (
+        b"\x48\x8b\x4c\x24\x20"  # mov rcx, [rsp+20h]   Buffer
+        b"\x8b\x54\x24\x28"  # mov edx, [rsp+28h]       Length
+        b"\x44\x8b\x4c\x24\x2c"  # mov r9d, [rsp+2Ch]   ApiNumber
+        b"\x65\x48\x8b\x04\x25\x60\x00\x00\x00"  # mov rax, gs:[60h]  PEB
+        b"\x4c\x8b\x40\x58"  # mov r8, [rax+58h]        KernelCallbackTable
+        b"\x43\xff\x14\xc8"  # call [r8+r9*8]
+        b"\x33\xc9\x33\xd2\x8b\xc8"  # xor ecx,ecx; xor edx,edx; mov ecx,eax
+        b"\xcc"
+    )
     assert code.index(b"\x33\xc9") == _CALL_TABLE_OFFSET
     return code
 
@@ -90,8 +122,16 @@ def _unwind_push_machframe() -> bytes:
 
 
 def build_ntdll(zw_alias: bool) -> ModuleImage:
-    img = new_image("ntdll.dll", 0x30000, [(".text", 0x1000, "code"), (".rdata", 0x10000, "rdata"),
-                                           (".pdata", 0x14000, "rdata"), (".data", 0x18000, "data")])
+    img = new_image(
+        "ntdll.dll",
+        0x30000,
+        [
+            (".text", 0x1000, "code"),
+            (".rdata", 0x10000, "rdata"),
+            (".pdata", 0x14000, "rdata"),
+            (".data", 0x18000, "data"),
+        ],
+    )
     exports: dict[str, int] = {}
     rva = 0x1000
     for number, name in enumerate(NTDLL_SYSCALLS):
@@ -108,19 +148,24 @@ def build_ntdll(zw_alias: bool) -> ModuleImage:
     unwind = 0x14800
     img.put(".pdata", unwind, _unwind_push_machframe())
     img.pdata.append((dispatcher, dispatcher + len(code), unwind))
-    for i, name in enumerate(("RtlUserThreadStart", "LdrInitializeThunk", "KiUserApcDispatcher",
-                              "RtlAllocateHeap")):
+    for i, name in enumerate(
+        ("RtlUserThreadStart", "LdrInitializeThunk", "KiUserApcDispatcher", "RtlAllocateHeap")
+    ):
         start = 0x3000 + 0x200 * i
         img.put(".text", start, b"\x48\x83\xec\x28\xcc".ljust(0x40, b"\xcc"))
         exports[name] = start
     img.exports = exports
     img.build_exports(".rdata", 0x10000)
     img.build_pdata(".pdata", 0x14000)
-    return ModuleImage("ntdll.dll", r"\Windows\System32\ntdll.dll", MODULE_BASES["ntdll.dll"],
-                       set_image_base(bytes(img), MODULE_BASES["ntdll.dll"]), exports,
-                       export_dir=(img.export_rva, img.export_size),
-                       extras={"dispatcher": dispatcher,
-                               "dispatcher_return": dispatcher + _CALL_TABLE_OFFSET})
+    return ModuleImage(
+        "ntdll.dll",
+        r"\Windows\System32\ntdll.dll",
+        MODULE_BASES["ntdll.dll"],
+        set_image_base(bytes(img), MODULE_BASES["ntdll.dll"]),
+        exports,
+        export_dir=(img.export_rva, img.export_size),
+        extras={"dispatcher": dispatcher, "dispatcher_return": dispatcher + _CALL_TABLE_OFFSET},
+    )
 
 
 def build_win32u() -> ModuleImage:
@@ -132,9 +177,14 @@ def build_win32u() -> ModuleImage:
         exports[name] = rva
     img.exports = exports
     img.build_exports(".rdata", 0x8000)
-    return ModuleImage("win32u.dll", r"\Windows\System32\win32u.dll", MODULE_BASES["win32u.dll"],
-                       set_image_base(bytes(img), MODULE_BASES["win32u.dll"]), exports,
-                       export_dir=(img.export_rva, img.export_size))
+    return ModuleImage(
+        "win32u.dll",
+        r"\Windows\System32\win32u.dll",
+        MODULE_BASES["win32u.dll"],
+        set_image_base(bytes(img), MODULE_BASES["win32u.dll"]),
+        exports,
+        export_dir=(img.export_rva, img.export_size),
+    )
 
 
 HANDLERS_RVA = 0x8000
@@ -149,8 +199,15 @@ def build_user32(table_size: int) -> ModuleImage:
     routines are internal functions: a symbolizer shows them as user32.dll+RVA.
     """
     size = CALLBACK_TABLE_RVA + 0x1000 + ((table_size * 8 + 0xFFF) & ~0xFFF)
-    img = new_image("user32.dll", size, [(".text", 0x1000, "code"), (".rdata", 0x28000, "rdata"),
-                                         (".data", CALLBACK_TABLE_RVA, "data")])
+    img = new_image(
+        "user32.dll",
+        size,
+        [
+            (".text", 0x1000, "code"),
+            (".rdata", 0x28000, "rdata"),
+            (".data", CALLBACK_TABLE_RVA, "data"),
+        ],
+    )
     exports = {}
     for i, name in enumerate(USER32_EXPORTS):
         rva = 0x1000 + 0x80 * i
@@ -165,11 +222,16 @@ def build_user32(table_size: int) -> ModuleImage:
     img.put(".data", CALLBACK_TABLE_RVA, bytes(table))
     img.exports = exports
     img.build_exports(".rdata", 0x28000)
-    return ModuleImage("user32.dll", r"\Windows\System32\user32.dll", base,
-                       set_image_base(bytes(img), base), exports,
-                       export_dir=(img.export_rva, img.export_size),
-                       data_section=(CALLBACK_TABLE_RVA, len(table)),
-                       extras={"callback_table": CALLBACK_TABLE_RVA})
+    return ModuleImage(
+        "user32.dll",
+        r"\Windows\System32\user32.dll",
+        base,
+        set_image_base(bytes(img), base),
+        exports,
+        export_dir=(img.export_rva, img.export_size),
+        data_section=(CALLBACK_TABLE_RVA, len(table)),
+        extras={"callback_table": CALLBACK_TABLE_RVA},
+    )
 
 
 def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImage:
@@ -186,5 +248,12 @@ def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImag
     img.put(".text", 0x2000, b"\x48\x83\xec\x48\xcc")
     img.exports = exports
     img.build_exports(".rdata", 0x4000)
-    return ModuleImage(name, path, base, set_image_base(bytes(img), base), exports,
-                       export_dir=(img.export_rva, img.export_size), extras={"payload": 0x2000})
+    return ModuleImage(
+        name,
+        path,
+        base,
+        set_image_base(bytes(img), base),
+        exports,
+        export_dir=(img.export_rva, img.export_size),
+        extras={"payload": 0x2000},
+    )

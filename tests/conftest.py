@@ -22,9 +22,12 @@ def profile_param(name: str) -> Any:
     if name != "lab":
         marks.append(pytest.mark.real_symbols)
         if not SHARED_SYMBOLS.is_dir():
-            marks.append(pytest.mark.skip(
-                reason=f"real symbol tables not present at {SHARED_SYMBOLS} (third-party data "
-                       "kept in ../shared/symbols, never in the repository)"))
+            marks.append(
+                pytest.mark.skip(
+                    reason=f"real symbol tables not present at {SHARED_SYMBOLS} (third-party data "
+                    "kept in ../shared/symbols, never in the repository)"
+                )
+            )
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -39,18 +42,23 @@ class ImageCache:
 
     def profile(self, name: str) -> Profile:
         if name not in self._profiles:
-            self._profiles[name] = (lab_profile(self.root / "symbols") if name == "lab"
-                                    else real_profile(int(name)))
+            self._profiles[name] = (
+                lab_profile(self.root / "symbols") if name == "lab" else real_profile(int(name))
+            )
         return self._profiles[name]
 
     def get(self, scenario: str, profile: str) -> dict[str, Path]:
         key = (scenario, profile)
         if key not in self._built:
             prof = self.profile(profile)
-            image = build_image(load_scenario(SCENARIOS / f"{scenario}.json"),
-                                SymbolTable.load(prof.isf_path), prof.build)
-            self._built[key] = image.write(self.root / "images", f"{scenario}-{profile}",
-                                           ("raw", "dmp"))
+            image = build_image(
+                load_scenario(SCENARIOS / f"{scenario}.json"),
+                SymbolTable.load(prof.isf_path),
+                prof.build,
+            )
+            self._built[key] = image.write(
+                self.root / "images", f"{scenario}-{profile}", ("raw", "dmp")
+            )
             self._built[key]["symbols"] = prof.symbols_dir
         return self._built[key]
 

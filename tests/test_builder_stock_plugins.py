@@ -38,7 +38,8 @@ def test_threads_lists_every_thread(images, profile, fmt):
     rows = _run(images, profile, fmt, "windows.threads.Threads")
     assert [(r["PID"], r["TID"], r["StartAddress"]) for r in rows] == [
         (p["pid"], t["tid"], t["start"] & ADDRESS_MASK)
-        for p in truth["processes"] for t in p["threads"]
+        for p in truth["processes"]
+        for t in p["threads"]
     ]
 
 
@@ -49,13 +50,16 @@ def test_dlllist_and_ldrmodules_see_every_module(images, profile, fmt):
     dlls = _run(images, profile, fmt, "windows.dlllist.DllList")
     assert [(r["PID"], r["Name"], r["Base"], r["Size"], r["Path"]) for r in dlls] == [
         (p["pid"], m["name"], m["base"], m["size"], m["path"])
-        for p in truth["processes"] for m in p["modules"]
+        for p in truth["processes"]
+        for m in p["modules"]
     ]
     ldr = _run(images, profile, fmt, "windows.malware.ldrmodules.LdrModules")
-    assert sorted((r["Pid"], r["Base"], r["InLoad"], r["InInit"], r["InMem"], r["MappedPath"])
-                  for r in ldr) == sorted(
+    assert sorted(
+        (r["Pid"], r["Base"], r["InLoad"], r["InInit"], r["InMem"], r["MappedPath"]) for r in ldr
+    ) == sorted(
         (p["pid"], m["base"], True, m["init_order"], True, m["path"][2:])
-        for p in truth["processes"] for m in p["modules"]
+        for p in truth["processes"]
+        for m in p["modules"]
     )
 
 
@@ -73,8 +77,15 @@ def test_vadinfo_sees_every_region(images, profile, fmt):
 @pytest.mark.parametrize("profile", ALL_PROFILES)
 def test_pe_symbols_resolves_the_callback_return_stub(images, profile, fmt):
     truth = images.truth("basic", profile)
-    rows = _run(images, profile, fmt, "windows.pe_symbols.PESymbols", source="processes",
-                module="ntdll.dll", symbols=["NtCallbackReturn", "ZwCallbackReturn"])
+    rows = _run(
+        images,
+        profile,
+        fmt,
+        "windows.pe_symbols.PESymbols",
+        source="processes",
+        module="ntdll.dll",
+        symbols=["NtCallbackReturn", "ZwCallbackReturn"],
+    )
     exports = next(p for p in truth["processes"] if p["pid"] != 4)["exports"]["ntdll.dll"]
     assert {(r["Symbol"], r["Address"]) for r in rows} == {
         ("NtCallbackReturn", exports["NtCallbackReturn"]),

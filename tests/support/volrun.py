@@ -52,14 +52,16 @@ def _value(value: Any) -> Any:
     return value
 
 
-def run_plugin(image: Path, plugin: str, symbol_dirs: list[Path],
-               options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def run_plugin(
+    image: Path, plugin: str, symbol_dirs: list[Path], options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Run ``plugin`` (e.g. ``windows.pslist.PsList``) on ``image``; rows as nested dicts."""
     _prepare(tuple(str(Path(d).resolve()) for d in symbol_dirs))
     plugin_cls = framework.list_plugins()[plugin]
     ctx = contexts.Context()
     ctx.config["automagic.LayerStacker.single_location"] = (
-        requirements.URIRequirement.location_from_file(str(image)))
+        requirements.URIRequirement.location_from_file(str(image))
+    )
     available = automagic.available(ctx)  # imports the stackers choose_os_stackers lists
     ctx.config["automagic.LayerStacker.stackers"] = stacker.choose_os_stackers(plugin_cls)
     for key, value in (options or {}).items():
@@ -72,7 +74,7 @@ def run_plugin(image: Path, plugin: str, symbol_dirs: list[Path],
     by_path: dict[str, dict[str, Any]] = {}
 
     def visit(node: interfaces.renderers.TreeNode, acc: None) -> None:
-        row = {name: _value(v) for name, v in zip(columns, node.values)}
+        row = {name: _value(v) for name, v in zip(columns, node.values, strict=True)}
         row["__children"] = []
         parent = by_path.get(node.parent.path) if node.parent else None
         (parent["__children"] if parent is not None else roots).append(row)
