@@ -511,3 +511,13 @@ def test_notes_order_and_texts():
 )
 def test_listing_modes(thread_reason, all_threads, at_return_only, listed):
     assert reason.is_listed(thread_reason, all_threads, at_return_only) is listed
+
+
+def test_32bit_kernel_layer_is_refused():
+    from volatility3.framework.layers import intel
+    from volatility3.plugins.windows.kcbwait_analysis import kernel_facts
+
+    layer32 = object.__new__(intel.WindowsIntelPAE)
+    context = SimpleNamespace(layers={"layer": layer32})
+    kernel = SimpleNamespace(layer_name="layer", symbol_table_name="nt")
+    assert not kernel_facts.is_64bit_kernel(context, kernel)

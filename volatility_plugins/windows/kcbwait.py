@@ -120,7 +120,6 @@ class KcbWait(interfaces.plugins.PluginInterface):
     ) -> Iterator[results.ThreadResult]:
         """Analyses every thread (pslist order, then ThreadListHead order), optionally narrowed
         to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason."""
-        kernel = context.modules[kernel_module_name]
         facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
         catalog = process_info.ImageCatalog(
             context,
@@ -133,7 +132,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
         ):
             info = catalog.process_info(proc)
-            for thread in thread_analysis.list_threads(kernel, proc):
+            for thread in thread_analysis.list_threads(context, kernel_module_name, proc):
                 if tid_filter:
                     tid = memory.try_read(lambda t=thread: int(t.Cid.UniqueThread))
                     if tid not in tid_filter:

@@ -13,8 +13,9 @@ from volatility3.plugins.windows.kcbwait_analysis import kernel_callout, user_ca
 
 AGREES = "agrees"
 MISMATCH = "mismatch"
+# T(k-1) and the KCALLOUT_FRAME both live on kernel stacks, so any kernel-side read failure is
+# reported with the contract's "kernel stack" wording ("trap frame" names KTHREAD.TrapFrame).
 UNREADABLE_KERNEL_STACK = "unreadable: kernel stack"
-UNREADABLE_TRAP_FRAME = "unreadable: trap frame"
 NO_KERNEL_LEVEL = "mismatch: no kernel callout stack for this level"
 
 
@@ -30,7 +31,7 @@ def compare_level(
     differences = []
     caller = level.trap_frame
     if caller is None:
-        return UNREADABLE_TRAP_FRAME
+        return UNREADABLE_KERNEL_STACK
     if caller.rsp != frame.address:
         differences.append(f"trap frame Rsp {caller.rsp:#x} != Frame {frame.address:#x}")
     if caller.rip != frame.rip:

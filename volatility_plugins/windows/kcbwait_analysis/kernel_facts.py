@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from volatility3.framework import constants, exceptions, interfaces, layers, symbols
+from volatility3.framework import constants, exceptions, interfaces, symbols
+from volatility3.framework.layers import intel
 
 KTHREAD_STATE_ENUMS = ("_KTHREAD_STATE", "KTHREAD_STATE")
 KWAIT_REASON_ENUMS = ("_KWAIT_REASON", "KWAIT_REASON")
@@ -13,7 +14,7 @@ def is_64bit_kernel(
 ) -> bool:
     """True for an x64 kernel (Intel32e layer and a 64-bit symbol table)."""
     layer = context.layers[kernel.layer_name]
-    if not isinstance(layer, layers.intel.Intel32e):
+    if not isinstance(layer, intel.Intel32e):
         return False
     return symbols.symbol_table_is_64bit(
         context=context, symbol_table_name=kernel.symbol_table_name

@@ -5,6 +5,7 @@ export table and .pdata are parsed once per (base, path).  When this process's c
 unreadable (paged out), the same image in another process is tried before giving up.
 """
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     results,
     symbolizer,
 )
+
+vollog = logging.getLogger(__name__)
 
 # Bounds on the process list walked to find other copies of an image.
 MAX_PROCESSES = 0x4000
@@ -170,13 +173,18 @@ class ImageCatalog:
         key = module.cache_key
         if key not in self._ntdll:
             exports = self.exports(module, layer_name)
-            self._ntdll[key] = ntdll_exports.build_facts(
-                module.base,
-                module.size,
-                exports,
-                self._pdata(module, layer_name),
-                self.facts.dispatcher,
+            pdata = self._pdata(module, layer_name)
+            facts = ntdll_exports.build_facts(
+                module.base, module.size, exports, pdata, self.facts.dispatcher
             )
+            vollog.debug(
+                f"ntdll {module.path} at {module.base:#x}: exports "
+                f"{'read' if exports is not None else 'unreadable'}, .pdata "
+                f"{'read' if pdata is not None else 'absent'}, KiUserCallbackDispatcher "
+                f"{facts.dispatcher and hex(facts.dispatcher)} range "
+                f"{facts.dispatcher_range and tuple(map(hex, facts.dispatcher_range))}"
+            )
+            self._ntdll[key] = facts
         return self._ntdll[key]
 
     def _boot_ntdll(self) -> tuple[str | None, symbolizer.LoadedModule | None]:

@@ -10,7 +10,10 @@ Order of work (docs/output-contract.md, callback-machinery.md):
 Unreadable memory never aborts the thread: it becomes ``unreadable: X`` notes and null cells.
 """
 
+from collections.abc import Iterator
+
 from volatility3.framework import constants, exceptions, interfaces
+from volatility3.plugins.windows import threads
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_stack,
     kernel_callout,
@@ -58,20 +61,15 @@ class ThreadFields:
 
 
 def list_threads(
-    kernel: interfaces.context.ModuleInterface, proc: interfaces.objects.ObjectInterface
-):
-    """The process's threads in ThreadListHead order (as windows.threads lists them), bounded."""
-    entry_type = f"{kernel.symbol_table_name}{constants.BANG}_ETHREAD"
-    try:
-        entries = proc.ThreadListHead.to_list(entry_type, "ThreadListEntry")
-    except exceptions.InvalidAddressException:
-        return
-    seen = set()
-    for thread in memory.bounded(entries, MAX_THREADS):
-        if thread.vol.offset in seen:
-            break
-        seen.add(thread.vol.offset)
-        yield thread
+    context: interfaces.context.ContextInterface,
+    kernel_module_name: str,
+    proc: interfaces.objects.ObjectInterface,
+) -> Iterator[interfaces.objects.ObjectInterface]:
+    """The process's threads in ThreadListHead order, exactly as windows.threads lists them,
+    bounded to MAX_THREADS and stopping quietly at an unreadable list link."""
+    yield from memory.bounded(
+        threads.Threads.list_threads(context, kernel_module_name, proc), MAX_THREADS
+    )
 
 
 def read_teb_limits(
@@ -222,8 +220,6 @@ class ThreadAnalyzer:
                 level_unreadable.add(reason.UNREADABLE_CALLBACK_TABLE)
             if verdict == callback_stack.UNREADABLE_KERNEL_STACK:
                 level_unreadable.add(reason.UNREADABLE_KERNEL_STACK)
-            elif verdict == callback_stack.UNREADABLE_TRAP_FRAME:
-                level_unreadable.add(reason.UNREADABLE_TRAP_FRAME)
             unreadable.update(level_unreadable)
             rows.append(
                 results.CallbackResult(
