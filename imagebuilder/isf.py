@@ -51,6 +51,7 @@ class SymbolTable:
         self._enums: dict[str, Any] = data.get("enums", {})
         self._symbols: dict[str, Any] = data.get("symbols", {})
         self._field_cache: dict[tuple[str, str], Field] = {}
+        self._has_cache: dict[tuple[str, str], bool] = {}
         pdb = data["metadata"]["windows"]["pdb"]
         self.guid: str = pdb["GUID"].upper()
         self.age: int = int(pdb["age"])
@@ -68,11 +69,16 @@ class SymbolTable:
         return name in self._types
 
     def has_field(self, type_name: str, path: str) -> bool:
-        try:
-            self.field(type_name, path)
-        except IsfError:
-            return False
-        return True
+        key = (type_name, path)
+        known = self._has_cache.get(key)
+        if known is None:
+            try:
+                self.field(type_name, path)
+                known = True
+            except IsfError:
+                known = False
+            self._has_cache[key] = known
+        return known
 
     def size(self, type_name: str) -> int:
         if type_name in self._types:

@@ -43,16 +43,26 @@ class StructWriter:
         values: dict[str, Any],
         optional: bool = False,
     ) -> None:
-        """Write ``values`` (dotted field path -> value); ``optional`` skips absent fields."""
+        """Write ``values`` (dotted field path -> value); ``optional`` skips absent fields.
+
+        The structure's bytes are read once, patched field by field (bitfields merge with
+        their neighbours) and written back once.
+        """
+        fields = []
         for path, value in values.items():
             if optional and not self.symbols.has_field(type_name, path):
                 continue
-            fld = self.symbols.field(type_name, path)
-            current = None
-            if fld.type["kind"] == "bitfield":
-                current = space.read(address + fld.offset, fld.size)
-            data = self.symbols.encode_type(fld.type, fld.size, value, current)
-            space.write(address + fld.offset, data)
+            fields.append((self.symbols.field(type_name, path), value))
+        if not fields:
+            return
+        start = min(f.offset for f, _ in fields)
+        end = max(f.offset + f.size for f, _ in fields)
+        blob = bytearray(space.read(address + start, end - start))
+        for fld, value in fields:
+            at = fld.offset - start
+            current = bytes(blob[at : at + fld.size]) if fld.type["kind"] == "bitfield" else None
+            blob[at : at + fld.size] = self.symbols.encode_type(fld.type, fld.size, value, current)
+        space.write(address + start, bytes(blob))
 
     def list_ring(self, space: AddressSpace, head: int, entries: list[int]) -> None:
         """Link ``entries`` (addresses of _LIST_ENTRY fields) into a ring starting at ``head``."""
@@ -105,6 +115,9 @@ class Kernel:
         page = self.memory.page(self.kuser_pa)
         struct.pack_into("<III", page, 0x260, self.build, 0, 0)
         struct.pack_into("<II", page, 0x26C, 10, 0)
+        # NtProductType = NtProductWinNt (1): windows.info rejects an out-of-range value.
+        self.writer.put(self.space, KUSER_SHARED_DATA, "_KUSER_SHARED_DATA",
+                        {"NtProductType": 1}, optional=True)
 
     def _write_kernel_image(self) -> None:
         top = max([self.symbols.symbol_rva(n) for n in self.globals_used()] + [0x10000])

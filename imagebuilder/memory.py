@@ -27,6 +27,7 @@ PAGEFILE_PTE = 0x0000_0001_0000_0000  # page-file offset 1, page file 0, not pre
 LOW_STUB_PA = 0x1000
 SYSTEM_PML4_PA = 0x1AA000
 FIRST_FREE_PA = 0x1000000
+_ZERO_PAGE = bytes(PAGE)
 
 
 class OutOfMemory(ValueError):
@@ -91,13 +92,24 @@ class PhysicalMemory:
             yield pfn << 12, bytes(self.pages[pfn])
 
     def write_raw(self, path: Path) -> None:
-        """A raw physical image, written sparse: only used pages are written."""
+        """A raw physical image, written sparse: runs of used, non-zero pages only."""
         with open(path, "wb") as handle:
             handle.truncate(self.size)
-            for address, data in self.runs():
-                if any(data):
-                    handle.seek(address)
-                    handle.write(data)
+            run_start, run = -1, []
+            for pfn in sorted(self.pages):
+                page = self.pages[pfn]
+                if page == _ZERO_PAGE:
+                    continue
+                if run and pfn != run_start + len(run):
+                    handle.seek(run_start << 12)
+                    handle.write(b"".join(run))
+                    run = []
+                if not run:
+                    run_start = pfn
+                run.append(page)
+            if run:
+                handle.seek(run_start << 12)
+                handle.write(b"".join(run))
 
 
 class AddressSpace:
@@ -119,6 +131,8 @@ class AddressSpace:
         self.pml4 = pml4
         self.kernel = kernel
         self.self_ref_index = self_ref_index
+        # Present translations by page, so repeated writes skip the four-level walk.
+        self._tlb: dict[int, int] = {}
         memory.page(pml4)
         self._set_entry(pml4, self_ref_index, pml4 | PTE_PRESENT | PTE_WRITE)
 
@@ -158,6 +172,7 @@ class AddressSpace:
         table, index = space._pte_slot(va, create=True)  # type: ignore[misc]
         user = va < KERNEL_SPACE_START
         space._set_entry(table, index, pa | PTE_PRESENT | PTE_WRITE | (PTE_USER if user else 0))
+        space._tlb[va >> 12] = pa & ~0xFFF
 
     def page_out(self, va: int) -> None:
         """Leave the page as Windows leaves a paged-out one: a not-present page-file PTE."""
@@ -165,9 +180,13 @@ class AddressSpace:
         slot = space._pte_slot(va, create=True)
         assert slot is not None
         space._set_entry(slot[0], slot[1], PAGEFILE_PTE)
+        space._tlb.pop(va >> 12, None)
 
     def translate(self, va: int) -> int | None:
         space = self._space_for(va)
+        cached = space._tlb.get(va >> 12)
+        if cached is not None:
+            return cached | (va & 0xFFF)
         slot = space._pte_slot(va, create=False)
         if slot is None:
             return None

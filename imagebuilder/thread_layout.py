@@ -78,7 +78,7 @@ def lay_out_user_thread(
         prev_rsp = user_rsp[-1]
         frame = (prev_rsp - (((length + 15) & ~15) + UCALLOUT_FRAME_SIZE)) & ~0xF
         buffer = frame + UCALLOUT_FRAME_SIZE
-        space.write(buffer, bytes(rng.getrandbits(8) for _ in range(length)))
+        space.write(buffer, rng.randbytes(length))
         space.write(
             frame,
             struct.pack("<QQQQQII", 0, 0, 0, 0, buffer, length, api)
