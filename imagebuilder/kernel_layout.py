@@ -104,6 +104,7 @@ class Kernel:
         self._write_low_stub()
         if self.symbols.has_symbol("MmProtectToValue"):
             self._write_protect_to_value()
+        self._write_version_globals()
 
     # -- fixed pieces --------------------------------------------------------------------
     def _map_kuser_shared_data(self) -> None:
@@ -116,8 +117,9 @@ class Kernel:
         struct.pack_into("<III", page, 0x260, self.build, 0, 0)
         struct.pack_into("<II", page, 0x26C, 10, 0)
         # NtProductType = NtProductWinNt (1): windows.info rejects an out-of-range value.
-        self.writer.put(self.space, KUSER_SHARED_DATA, "_KUSER_SHARED_DATA",
-                        {"NtProductType": 1}, optional=True)
+        self.writer.put(
+            self.space, KUSER_SHARED_DATA, "_KUSER_SHARED_DATA", {"NtProductType": 1}, optional=True
+        )
 
     def _write_kernel_image(self) -> None:
         top = max([self.symbols.symbol_rva(n) for n in self.globals_used()] + [0x10000])
@@ -151,9 +153,57 @@ class Kernel:
         )
         self.space.write(self.symbol_address("MmProtectToValue"), struct.pack("<32I", *values))
 
+    def _write_version_globals(self) -> None:
+        """What windows.info reads: KdVersionBlock, KeNumberProcessors, KUSER_SHARED_DATA.
+
+        KdDebuggerDataBlock is left zeroed (no 'KDBG' OwnerTag), as on systems where the
+        block is encoded; windows.info then skips the lines it would take from it.
+        """
+        sym, w = self.symbols, self.writer
+        if sym.has_symbol("KdVersionBlock") and sym.has_type("_DBGKD_GET_VERSION64"):
+            # _DBGKD_GET_VERSION64: MajorVersion 0xF (free build), MinorVersion = build.
+            w.put(
+                self.space,
+                self.symbol_address("KdVersionBlock"),
+                "_DBGKD_GET_VERSION64",
+                {
+                    "MajorVersion": 0xF,
+                    "MinorVersion": self.build,
+                    "MachineType": 0x8664,
+                    "KernBase": KERNEL_BASE,
+                    "PsLoadedModuleList": 0,
+                    "MaxStateChange": 3,
+                    "MaxManipulate": 0x33,
+                },
+                optional=True,
+            )
+        if sym.has_symbol("KeNumberProcessors"):
+            self.space.write(self.symbol_address("KeNumberProcessors"), struct.pack("<I", 2))
+        if sym.has_symbol("KdDebuggerDataBlock"):
+            self.space.ensure(self.symbol_address("KdDebuggerDataBlock"), 0x400)
+        w.put(
+            self.space,
+            KUSER_SHARED_DATA,
+            "_KUSER_SHARED_DATA",
+            {
+                "SystemTime.LowPart": 0x2B5E6000,
+                "SystemTime.High1Time": 0x01DA9B87,
+                "SystemTime.High2Time": 0x01DA9B87,
+                "NtSystemRoot": "C:\\Windows".encode("utf-16-le"),
+            },
+            optional=True,
+        )
+
     def globals_used(self) -> list[str]:
         names = ["PsActiveProcessHead"]
-        for name in ("KeUserCallbackDispatcher", "PsNtdllExports", "MmProtectToValue"):
+        for name in (
+            "KeUserCallbackDispatcher",
+            "PsNtdllExports",
+            "MmProtectToValue",
+            "KdVersionBlock",
+            "KeNumberProcessors",
+            "KdDebuggerDataBlock",
+        ):
             if self.symbols.has_symbol(name):
                 names.append(name)
         return names

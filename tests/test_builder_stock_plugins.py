@@ -92,3 +92,16 @@ def test_pe_symbols_resolves_the_callback_return_stub(images, profile, fmt):
         ("ZwCallbackReturn", exports["ZwCallbackReturn"]),
     }
     assert exports["NtCallbackReturn"] == exports["ZwCallbackReturn"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("profile", ALL_PROFILES)
+def test_info_reads_version_globals(images, profile, fmt):
+    truth = images.truth("basic", profile)
+    rows = {r["Variable"]: r["Value"] for r in _run(images, profile, fmt, "windows.info.Info")}
+    assert rows["Kernel Base"] == hex(truth["kernel_base"] & ADDRESS_MASK)
+    assert rows["DTB"] == hex(truth["dtb"])
+    assert rows["Major/Minor"] == f"15.{truth['profile']['build']}"
+    assert rows["KeNumberProcessors"] == "2"
+    assert (rows["NtMajorVersion"], rows["NtMinorVersion"]) == ("10", "0")
+    assert rows["NtProductType"] == "NtProductWinNt"
