@@ -143,8 +143,7 @@ def test_crash_dump_header_describes_the_physical_runs(lab, tmp_path):
     assert sum(c for _, c in listed) == pages
     assert len(dmp) == 0x2000 + pages * 0x1000
     assert struct.unpack_from("<I", dmp, 0xF98)[0] == 1  # DumpType: full
-    for base, count in listed:  # every used page is inside a run
-        assert count > 0
+    assert all(count > 0 for _, count in listed)
     used = set(image.memory.pages)
     covered = {b + i for b, c in listed for i in range(c)}
     assert used <= covered
