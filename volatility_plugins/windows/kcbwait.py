@@ -128,9 +128,10 @@ class KcbWait(interfaces.plugins.PluginInterface):
         )
         analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog)
         tid_filter = set(tids or [])
-        for proc in pslist.PsList.list_processes(
+        processes = pslist.PsList.list_processes(
             context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
-        ):
+        )
+        for proc in memory.bounded(processes, process_info.MAX_PROCESSES):
             info = catalog.process_info(proc)
             for thread in thread_analysis.list_threads(context, kernel_module_name, proc):
                 if tid_filter:
