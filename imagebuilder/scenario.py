@@ -105,6 +105,13 @@ def parse_scenario(data: Any) -> Scenario:
         callback_table_size=table_size,
     )
     _check_unique(scenario)
+    if processes and all("ntdll_exports" in p.page_out for p in processes):
+        # With no readable copy of ntdll's export directory anywhere, what the plugin can
+        # still say depends on its fallbacks; the truth file does not model that yet.
+        raise ScenarioError(
+            f"{where}.processes: page_out 'ntdll_exports' in every process leaves no readable"
+            " copy of ntdll's exports; keep it in at least one process"
+        )
     return scenario
 
 
