@@ -1,0 +1,39 @@
+"""What an execution backend (local pool, Dask cluster) promises the command line.
+
+A backend takes the batch's tasks and yields events as they happen: a :class:`Stage` when an
+image enters a new stage on some worker, a :class:`Done` exactly once per task with its
+outcome (failures included: a backend never raises because of an image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kcbwait_batch.records import ImageOutcome
+from kcbwait_batch.tasks import ImageTask
+
+
+@dataclass(frozen=True)
+class Stage:
+    image: str
+    stage: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class Done:
+    image: str
+    outcome: ImageOutcome
+
+
+Event = Stage | Done
+
+
+class Backend(Protocol):
+    """Runs tasks somewhere; ``run`` is a generator, closing it stops the work."""
+
+    description: str
+
+    def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]: ...
