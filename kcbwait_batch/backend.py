@@ -1,8 +1,10 @@
 """What an execution backend (local pool, Dask cluster) promises the command line.
 
 A backend takes the batch's tasks and yields events as they happen: a :class:`Stage` when an
-image enters a new stage on some worker, a :class:`Done` exactly once per task with its
-outcome (failures included: a backend never raises because of an image).
+image enters a new stage on some worker, a :class:`Done` once per task with its outcome
+(failures included: a backend never raises because of an image).  Only when the backend
+itself fails (a cluster gone) does it yield a :class:`BackendFailure` and stop; the tasks
+without a ``Done`` then have no record, so that ``--resume`` runs them later.
 """
 
 from __future__ import annotations
@@ -28,7 +30,18 @@ class Done:
     outcome: ImageOutcome
 
 
-Event = Stage | Done
+@dataclass(frozen=True)
+class BackendFailure:
+    """The backend lost its workers mid-batch; the images it has not reported stay unrun."""
+
+    message: str
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot start (e.g. no scheduler at the given address)."""
+
+
+Event = Stage | Done | BackendFailure
 
 
 class Backend(Protocol):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kcbwait_batch import __version__, discovery, records, writer
-from kcbwait_batch.backend import Backend, Done, Stage
+from kcbwait_batch.backend import Backend, BackendFailure, BackendUnavailable, Done, Stage
 from kcbwait_batch.framework_runner import FrameworkConfig, default_plugin_dirs
 from kcbwait_batch.progress import Progress
 from kcbwait_batch.tasks import ImageTask
@@ -236,7 +236,8 @@ def _plan_resume(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    # Intermixed: images may follow options too (kcbwait-batch -s DIR --out F img1 img2).
+    args = parser().parse_intermixed_args(argv)
     if args.jobs is not None and args.jobs < 1:
         return _usage("--jobs must be at least 1")
     if args.retry_failed and not args.resume:
@@ -297,21 +298,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         progress.stage(event.image, event.stage)
                     elif isinstance(event, Done):
                         image_records = records.image_records(
-                            by_path[event.image], event.outcome, options
+                            by_path.pop(event.image), event.outcome, options
                         )
                         out.write_image(image_records)
                         summary.add(image_records[-1])
                         progress.image_done(image_records[-1])
+                    elif isinstance(event, BackendFailure):
+                        progress.log(f"kcbwait-batch: the backend failed: {event.message}")
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
                     close()
     except KeyboardInterrupt:
         interrupted = True
+    except BackendUnavailable as error:
+        return _usage(str(error))
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
     summary.wall_seconds = time.monotonic() - started
+    summary.images_unrun = 0 if interrupted else len(by_path)
     failed_before = sum(1 for s in kept if s["status"] != records.OK)
     if not args.quiet:
         for line in summary.lines():
@@ -328,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if summary.images_failed or failed_before else EXIT_OK
+    failed = summary.images_failed or summary.images_unrun or failed_before
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

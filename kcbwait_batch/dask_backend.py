@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kcbwait_batch import records
-from kcbwait_batch.backend import Done, Event, Stage
+from kcbwait_batch.backend import BackendFailure, BackendUnavailable, Done, Event, Stage
 from kcbwait_batch.isolation import IsolatedWorker
 from kcbwait_batch.tasks import ImageTask
 
@@ -74,7 +74,12 @@ class DaskCluster:
 
     def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]:
         distributed = _import_distributed()
-        client = distributed.Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        try:
+            client = distributed.Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as error:
+            raise BackendUnavailable(
+                f"cannot reach the Dask scheduler at {self.address}: {error}"
+            ) from None
         workers = client.scheduler_info().get("workers", {})
         threads = sum(w.get("nthreads", 0) for w in workers.values())
         self.description = (
@@ -100,10 +105,15 @@ class DaskCluster:
                 futures[future] = task
 
             def collect() -> None:
+                pending = dict(futures)
                 try:
-                    for future in distributed.as_completed(list(futures)):
-                        task = futures[future]
+                    for future in distributed.as_completed(list(futures), loop=client.loop):
+                        task = pending.pop(future)
                         events.put(Done(task.image, _outcome(future)))
+                except Exception as error:  # noqa: BLE001 - the cluster went away mid-batch
+                    # Images without a result are left out of the output (no record), so that
+                    # --resume runs them again once the cluster is back.
+                    events.put(BackendFailure(f"{type(error).__name__}: {error}"))
                 finally:
                     events.put(None)
 

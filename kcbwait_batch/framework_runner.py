@@ -62,15 +62,17 @@ def default_plugin_dirs() -> tuple[str, ...]:
 class FrameworkConfig:
     """Process-wide Volatility settings for a run (what ``vol``'s global options set).
 
-    ``cache_path`` None means a private temporary cache for this process, removed at exit:
-    nothing leaks between runs (the tests' choice).  Pass Volatility's usual cache directory
-    to share downloaded symbol tables between runs, as ``vol`` does.
+    The cache is ``cache_path`` if given; else, with ``private_cache``, a temporary directory
+    of this process removed at exit (nothing leaks between runs: the tests' choice); else
+    Volatility's own default on the machine that runs the analysis (``vol``'s choice, which
+    keeps downloaded symbol tables between runs).
     """
 
     symbol_dirs: tuple[str, ...] = ()
     plugin_dirs: tuple[str, ...] = field(default_factory=default_plugin_dirs)
     offline: bool = True
     cache_path: str | None = None
+    private_cache: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class FrameworkConfig:
             "plugin_dirs": list(self.plugin_dirs),
             "offline": self.offline,
             "cache_path": self.cache_path,
+            "private_cache": self.private_cache,
         }
 
     @classmethod
@@ -87,6 +90,7 @@ class FrameworkConfig:
             plugin_dirs=tuple(data.get("plugin_dirs", ())),
             offline=bool(data.get("offline", True)),
             cache_path=data.get("cache_path"),
+            private_cache=bool(data.get("private_cache", False)),
         )
 
 
@@ -95,6 +99,7 @@ class ImageError(Exception):
 
 
 _prepared: FrameworkConfig | None = None
+_DEFAULT_CACHE = constants.CACHE_PATH  # before any prepare() changes it
 _plugin_paths_imported: set[str] = set()
 _private_cache: str | None = None
 
@@ -114,7 +119,10 @@ def prepare(config: FrameworkConfig) -> None:
         return
     framework.require_interface_version(2, 0, 0)
     constants.OFFLINE = config.offline
-    constants.CACHE_PATH = config.cache_path or _private_cache_dir()
+    if config.cache_path:
+        constants.CACHE_PATH = config.cache_path
+    else:
+        constants.CACHE_PATH = _private_cache_dir() if config.private_cache else _DEFAULT_CACHE
     # vol creates its cache directory before use; the framework itself does not.
     os.makedirs(constants.CACHE_PATH, exist_ok=True)
     # One image per process at a time: Volatility's own worker pool would only compete with

@@ -217,6 +217,7 @@ class Summary:
     images_ok: int = 0
     images_failed: int = 0
     images_skipped: int = 0
+    images_unrun: int = 0
     threads: int = 0
     threads_at_return: int = 0
     threads_in_callback: int = 0
@@ -251,5 +252,7 @@ class Summary:
             f"in callbacks: {self.threads_in_callback}",
             f"wall time: {self.wall_seconds:.1f}s ({self.images_per_minute():.1f} images/minute)",
         ]
+        if self.images_unrun:
+            lines.append(f"{self.images_unrun} images not run (no record; --resume runs them)")
         lines += [f"FAILED {status}: {path}: {error}" for path, status, error in self.failures]
         return lines

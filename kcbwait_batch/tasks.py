@@ -90,6 +90,7 @@ def execute(task: ImageTask, emit: EventCallback) -> records.ImageOutcome:
     started = time.perf_counter()
     sha256 = None
     try:
+        emit({"stage": "started"})
         _inject_faults(task.image)
         if task.sha256:
             emit({"stage": "hashing"})

@@ -23,7 +23,7 @@ def config(symbol_dirs: list[Path]) -> framework_runner.FrameworkConfig:
         symbol_dirs=tuple(str(Path(d).resolve()) for d in symbol_dirs),
         plugin_dirs=(str(PLUGIN_DIR),),
         offline=True,
-        cache_path=None,
+        private_cache=True,
     )
 
 
