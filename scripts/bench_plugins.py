@@ -1,0 +1,255 @@
+"""Benchmark: windows.kcbwait against windows.threads (and windows.suspended_threads).
+
+    .venv/bin/python scripts/bench_plugins.py [--threads 1000 5000 20000]
+        [--shares 0.01 0.2] [--runs 3] [--profile lab] [--out build/bench]
+
+For each builder image (processes and threads per process scaled together, a share of the
+threads inside callbacks) and each plugin, alternating plugins within each run:
+1. end to end: wall time and peak RSS of the `vol` command;
+2. analysis only: in a fresh interpreter, Volatility's automagic runs untimed, then only the
+   TreeGrid population is timed (so the shared kernel-finding cost does not hide the
+   plugin's own).
+Medians over the runs go to OUT/results.md (a Markdown table with the ratio kcbwait/threads)
+and OUT/results.json; OUT/plugins.png plots threads against seconds, one line per plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PLUGINS = {
+    "kcbwait": "windows.kcbwait.KcbWait",
+    "threads": "windows.threads.Threads",
+    "suspended_threads": "windows.suspended_threads.SuspendedThreads",
+}
+
+
+def shape(threads: int) -> tuple[int, int]:
+    """Processes x threads per process, both growing with the total (400 x 50 at 20,000)."""
+    processes = max(1, round(math.sqrt(threads * 8)))
+    return processes, max(1, round(threads / processes))
+
+
+def build_images(sizes: list[int], shares: list[float], profile_name: str, out: Path):
+    from imagebuilder.build import build_image
+    from imagebuilder.generate import generate_scenario
+    from imagebuilder.isf import SymbolTable
+    from imagebuilder.profiles import resolve
+    from imagebuilder.scenario import parse_scenario
+
+    profile = resolve(profile_name, out)
+    symbols = SymbolTable.load(profile.isf_path)
+    images = []
+    for size in sizes:
+        for share in shares:
+            processes, per_process = shape(size)
+            stem = f"bench-{processes}x{per_process}-{round(share * 100)}pct-{profile.name}"
+            raw = out / "images" / f"{stem}.raw"
+            if not raw.exists():
+                data = generate_scenario(processes, per_process, share, seed=size)
+                image = build_image(parse_scenario(data), symbols, profile.build)
+                image.write(out / "images", stem, ("raw",))
+            images.append({"threads": processes * per_process, "share": share, "raw": raw})
+    return images, profile.symbols_dir
+
+
+def vol_command(image: Path, plugin: str, symbols: Path, cache: Path) -> list[str]:
+    vol = Path(sys.executable).with_name("vol")
+    return [
+        str(vol),
+        "-q",
+        "--offline",
+        "--cache-path",
+        str(cache),
+        "-s",
+        str(symbols),
+        "-p",
+        str(ROOT / "volatility_plugins"),
+        "-f",
+        str(image),
+        "-r",
+        "json",
+        plugin.rsplit(".", 1)[0],
+    ]
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process; its output is discarded."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait4 reaps the child and returns its own resource usage (ru_maxrss in KiB on Linux).
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed with status {proc.returncode}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def analysis_child(image: str, plugin: str, symbols: str, cache: str) -> None:
+    """Child mode: automagic untimed, then time the TreeGrid population only."""
+    from kcbwait_batch import framework_runner as fr
+
+    fr.prepare(
+        fr.FrameworkConfig(
+            symbol_dirs=(symbols,),
+            plugin_dirs=(str(ROOT / "volatility_plugins"),),
+            offline=True,
+            cache_path=cache,
+        )
+    )
+    grid = fr.construct(Path(image), fr.plugin_class(plugin)).run()
+    rows = 0
+
+    def visit(node, acc):
+        nonlocal rows
+        rows += 1
+
+    started = time.perf_counter()
+    grid.populate(visit, None)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "rows": rows, "rss_mib": peak}))
+
+
+def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -> list[dict]:
+    results = []
+    for image in images:
+        samples: dict[str, dict[str, list[float]]] = {
+            p: {"e2e": [], "e2e_rss": [], "analysis": [], "analysis_rss": []} for p in plugins
+        }
+        for run in range(runs):
+            order = plugins if run % 2 == 0 else list(reversed(plugins))
+            for name in order:
+                plugin = PLUGINS[name]
+                wall, rss = run_measured(vol_command(image["raw"], plugin, symbols, cache))
+                samples[name]["e2e"].append(wall)
+                samples[name]["e2e_rss"].append(rss)
+                child = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(image["raw"]),
+                    plugin,
+                    str(symbols),
+                    str(cache),
+                ]
+                out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+                data = json.loads(out.strip().splitlines()[-1])
+                samples[name]["analysis"].append(data["seconds"])
+                samples[name]["analysis_rss"].append(data["rss_mib"])
+                print(
+                    f"  {image['threads']:>6} threads {image['share']:>4.0%} {name:<18} "
+                    f"run {run + 1}: e2e {wall:6.2f}s {rss:6.0f} MiB, "
+                    f"analysis {data['seconds']:6.2f}s",
+                    flush=True,
+                )
+        for name in plugins:
+            s = samples[name]
+            results.append(
+                {
+                    "threads": image["threads"],
+                    "share": image["share"],
+                    "plugin": name,
+                    "e2e_s": statistics.median(s["e2e"]),
+                    "e2e_rss_mib": max(s["e2e_rss"]),
+                    "analysis_s": statistics.median(s["analysis"]),
+                    "analysis_rss_mib": max(s["analysis_rss"]),
+                    "runs": runs,
+                }
+            )
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| threads | in callbacks | plugin | end to end (s) | peak RSS (MiB) "
+        "| analysis (s) | analysis us/thread | analysis kcbwait/threads | RSS kcbwait/threads |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    index = {(r["threads"], r["share"], r["plugin"]): r for r in results}
+    for r in results:
+        base = index.get((r["threads"], r["share"], "threads"))
+        ratio = rss_ratio = ""
+        if r["plugin"] == "kcbwait" and base:
+            ratio = f"{r['analysis_s'] / base['analysis_s']:.2f}"
+            rss_ratio = f"{r['e2e_rss_mib'] / base['e2e_rss_mib']:.2f}"
+        lines.append(
+            f"| {r['threads']} | {r['share']:.0%} | {r['plugin']} | {r['e2e_s']:.2f} "
+            f"| {r['e2e_rss_mib']:.0f} | {r['analysis_s']:.2f} "
+            f"| {1e6 * r['analysis_s'] / r['threads']:.0f} | {ratio} | {rss_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return False
+    shares = sorted({r["share"] for r in results})
+    fig, axes = plt.subplots(1, len(shares), figsize=(6 * len(shares), 4.5), squeeze=False)
+    for ax, share in zip(axes[0], shares, strict=True):
+        for plugin in PLUGINS:
+            points = sorted(
+                (r["threads"], r["analysis_s"])
+                for r in results
+                if r["plugin"] == plugin and r["share"] == share
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=plugin)
+        ax.set_title(f"analysis only, {share:.0%} of threads in callbacks")
+        ax.set_xlabel("threads")
+        ax.set_ylabel("seconds (median)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        analysis_child(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.2])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=list(PLUGINS))
+    parser.add_argument("--profile", default="lab")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "cache"
+    cache.mkdir(exist_ok=True)
+    images, symbols = build_images(args.threads, args.shares, args.profile, args.out)
+    # One untimed run fills Volatility's symbol identifier cache.
+    run_measured(vol_command(images[0]["raw"], PLUGINS["threads"], symbols, cache))
+    results = measure(images, symbols, args.plugins, args.runs, cache)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = table(results)
+    (args.out / "results.md").write_text(text)
+    print("\n" + text)
+    if plot(results, args.out / "plugins.png"):
+        print(f"plot: {args.out / 'plugins.png'}")
+
+
+if __name__ == "__main__":
+    main()
