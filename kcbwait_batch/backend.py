@@ -49,4 +49,10 @@ class Backend(Protocol):
 
     description: str
 
+    def start(self) -> None:
+        """Acquires what the backend needs (a cluster connection); BackendUnavailable if not."""
+
     def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]: ...
+
+    def close(self) -> None:
+        """Releases what ``start`` acquired, if ``run`` did not."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from kcbwait_batch import __version__, discovery, records, writer
 from kcbwait_batch.backend import Backend, BackendFailure, BackendUnavailable, Done, Stage
-from kcbwait_batch.framework_runner import FrameworkConfig, default_plugin_dirs
+from kcbwait_batch.framework_runner import FrameworkConfig
 from kcbwait_batch.progress import Progress
 from kcbwait_batch.tasks import ImageTask
 
@@ -272,49 +272,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = records.Summary(images_skipped=len(images) - len(todo))
     framework = FrameworkConfig(
         symbol_dirs=tuple(args.symbols),
-        plugin_dirs=(*args.plugins, *default_plugin_dirs()),
+        plugin_dirs=tuple(args.plugins),
         offline=args.offline,
         cache_path=args.cache_path,
     )
     tasks = [ImageTask(i.path, volatility_options(options), framework, args.hash) for i in todo]
     by_path = {image.path: image for image in todo}
-    timeout = args.timeout or None
+    backend = make_backend(args, progress)
+    try:
+        if tasks:
+            backend.start()  # a cluster that is not there fails here, before any output
+    except BackendUnavailable as error:
+        progress.close()
+        return _usage(str(error))
+    if tasks:
+        progress.log(
+            f"kcbwait-batch: {len(tasks)} images ({summary.images_skipped} already complete) "
+            f"on {backend.description} -> {args.out}"
+        )
     started = time.monotonic()
     interrupted = False
     # A batch scheduler stops jobs with SIGTERM: finish as on Ctrl-C, with whole images only.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        backend = make_backend(args, progress)
-        if tasks:
-            progress.log(
-                f"kcbwait-batch: {len(tasks)} images ({summary.images_skipped} already complete) "
-                f"on {backend.description} -> {args.out}"
-            )
         with writer.OutputWriter(args.out, fmt) as out:
-            events = backend.run(tasks, timeout) if tasks else iter(())
-            try:
-                for event in events:
-                    if isinstance(event, Stage):
-                        progress.stage(event.image, event.stage)
-                    elif isinstance(event, Done):
-                        image_records = records.image_records(
-                            by_path.pop(event.image), event.outcome, options
-                        )
-                        out.write_image(image_records)
-                        summary.add(image_records[-1])
-                        progress.image_done(image_records[-1])
-                    elif isinstance(event, BackendFailure):
-                        progress.log(f"kcbwait-batch: the backend failed: {event.message}")
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()
+            _consume(backend, tasks, args.timeout or None, out, options, by_path, summary, progress)
     except KeyboardInterrupt:
         interrupted = True
-    except BackendUnavailable as error:
-        return _usage(str(error))
     finally:
         signal.signal(signal.SIGTERM, previous)
+        backend.close()
         progress.close()
     summary.wall_seconds = time.monotonic() - started
     summary.images_unrun = 0 if interrupted else len(by_path)
@@ -336,6 +323,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     failed = summary.images_failed or summary.images_unrun or failed_before
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _consume(
+    backend: Backend,
+    tasks: list[ImageTask],
+    timeout: float | None,
+    out: writer.OutputWriter,
+    options: dict[str, Any],
+    pending: dict[str, records.ImageFile],
+    summary: records.Summary,
+    progress: Progress,
+) -> None:
+    """Runs ``tasks`` on ``backend``, writing each image's records as its result arrives;
+    ``pending`` loses every image that got a result."""
+    if not tasks:
+        return
+    events = backend.run(tasks, timeout)
+    try:
+        for event in events:
+            if isinstance(event, Stage):
+                progress.stage(event.image, event.stage)
+            elif isinstance(event, Done):
+                image = pending.pop(event.image)
+                image_records = records.image_records(image, event.outcome, options)
+                out.write_image(image_records)
+                summary.add(image_records[-1])
+                progress.image_done(image_records[-1])
+            elif isinstance(event, BackendFailure):
+                progress.log(f"kcbwait-batch: the backend failed: {event.message}")
+    finally:
+        # Stops the work at once when leaving early (Ctrl-C, SIGTERM, a write error).
+        events.close()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

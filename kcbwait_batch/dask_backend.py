@@ -26,7 +26,6 @@ from kcbwait_batch.isolation import IsolatedWorker
 from kcbwait_batch.tasks import ImageTask
 
 TOPIC = "kcbwait-batch-progress"
-CONNECT_TIMEOUT = "30s"
 
 # Worker side: one supervised analysis process per Dask worker thread, reused across tasks.
 _worker_local = threading.local()
@@ -58,8 +57,8 @@ def _import_distributed() -> Any:
     try:
         import distributed
     except ImportError:
-        raise SystemExit(
-            "kcbwait-batch: --scheduler needs dask.distributed: pip install 'kcbwait[batch-dask]'"
+        raise BackendUnavailable(
+            "--scheduler needs dask.distributed: pip install 'kcbwait[batch-dask]'"
         ) from None
     return distributed
 
@@ -71,20 +70,36 @@ class DaskCluster:
         self.address = address
         self.tasks_per_child = tasks_per_child
         self.description = f"Dask cluster at {address}"
+        self._client: Any = None
 
-    def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]:
+    def start(self) -> None:
+        """Connects to the scheduler (before the batch touches its output file)."""
         distributed = _import_distributed()
         try:
-            client = distributed.Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            # The connection timeout is Dask's own setting (distributed.comm.timeouts.connect,
+            # or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT), 30 s unless configured.
+            self._client = distributed.Client(self.address, set_as_default=False)
         except (OSError, TimeoutError) as error:
             raise BackendUnavailable(
                 f"cannot reach the Dask scheduler at {self.address}: {error}"
             ) from None
-        workers = client.scheduler_info().get("workers", {})
+        workers = self._client.scheduler_info().get("workers", {})
         threads = sum(w.get("nthreads", 0) for w in workers.values())
+        # No worker yet is not an error: tasks wait in the scheduler until workers join.
         self.description = (
             f"Dask cluster at {self.address}, {len(workers)} workers, {threads} threads"
         )
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]:
+        if self._client is None:
+            self.start()
+        client = self._client
+        distributed = _import_distributed()
         events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         futures: dict[Any, ImageTask] = {}
         try:
@@ -121,12 +136,14 @@ class DaskCluster:
             while (event := events.get()) is not None:
                 yield event
         finally:
+            # Stopping early (Ctrl-C): queued and running tasks are cancelled; an analysis
+            # already running on a worker ends by its own timeout.
             if futures:
                 client.cancel(list(futures))
             try:
                 client.unsubscribe_topic(TOPIC)
             finally:
-                client.close()
+                self.close()
 
 
 def _outcome(future: Any) -> records.ImageOutcome:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class FrameworkConfig:
     """
 
     symbol_dirs: tuple[str, ...] = ()
-    plugin_dirs: tuple[str, ...] = field(default_factory=default_plugin_dirs)
+    plugin_dirs: tuple[str, ...] = ()
     offline: bool = True
     cache_path: str | None = None
     private_cache: bool = False
@@ -128,7 +128,14 @@ def prepare(config: FrameworkConfig) -> None:
     # One image per process at a time: Volatility's own worker pool would only compete with
     # the batch's processes for the same cores.
     constants.PARALLELISM = constants.Parallelism.Off
-    plugin_path = [*map(_absolute, config.plugin_dirs), *constants.PLUGINS_PATH]
+    # The checkout's plugins are looked up where the analysis runs (a Dask worker may have
+    # the package installed elsewhere than the client): user directories, then ours, then
+    # Volatility's own, each once.
+    plugin_path = list(
+        dict.fromkeys(
+            [*map(_absolute, config.plugin_dirs), *default_plugin_dirs(), *constants.PLUGINS_PATH]
+        )
+    )
     volatility3.plugins.__path__ = plugin_path
     volatility3.symbols.__path__ = [
         *map(_absolute, config.symbol_dirs),

@@ -42,6 +42,12 @@ class LocalPool:
         self.log_sink = log_sink
         self.description = f"local, {self.jobs} worker process{'es' if self.jobs > 1 else ''}"
 
+    def start(self) -> None:
+        """Nothing to acquire: analysis processes start with the first task of each job."""
+
+    def close(self) -> None:
+        """Nothing held between runs: ``run`` ends its processes itself."""
+
     def run(self, tasks: Sequence[ImageTask], timeout: float | None) -> Iterator[Event]:
         todo: queue.SimpleQueue[ImageTask] = queue.SimpleQueue()
         for task in tasks:
