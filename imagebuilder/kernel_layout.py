@@ -73,7 +73,8 @@ class StructWriter:
             space.write(node, struct.pack("<QQ", flink, blink))
 
     def unicode_string(self, space: AddressSpace, address: int, buffer: int, text: str) -> None:
-        data = text.encode("utf-16-le")
+        # surrogatepass: a scenario may name a module with unpaired surrogates (invalid UTF-16).
+        data = text.encode("utf-16-le", "surrogatepass")
         space.write(buffer, data + b"\0\0")
         self.put(
             space,
@@ -242,6 +243,11 @@ class Kernel:
 
     def pool_object(self, type_name: str, tag: bytes) -> int:
         return self.pool(self.symbols.size(type_name), tag)
+
+    @property
+    def stack_cursor(self) -> int:
+        """Where the next kernel stack will start (everything below is handed out)."""
+        return self._stack_next
 
     def kernel_stack(self) -> tuple[int, int]:
         """A fresh kernel stack: (StackBase, StackLimit); pages appear as they are written."""

@@ -198,6 +198,23 @@ class AddressSpace:
     def is_mapped(self, va: int) -> bool:
         return self.translate(va) is not None
 
+    def entry_slots(self, va: int) -> list[int]:
+        """Physical addresses of the page-table entries (PML4E, PDPTE, PDE, PTE) that translate
+        ``va``, as far as the tables exist: what a reader of ``va`` depends on besides the
+        page itself."""
+        space = self._space_for(va)
+        slots = []
+        table = space.pml4
+        for depth, index in enumerate(space._indices(va)):
+            slots.append(table + 8 * index)
+            if depth == 3:
+                break
+            entry = space._entry(table, index)
+            if not entry & PTE_PRESENT:
+                break
+            table = entry & 0x000FFFFFFFFFF000
+        return slots
+
     def ensure(self, va: int, size: int) -> None:
         """Back [va, va+size) with fresh zeroed pages where nothing is mapped yet."""
         page = va & ~0xFFF

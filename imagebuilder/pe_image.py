@@ -10,12 +10,21 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 IMAGE_FILE_MACHINE_AMD64 = 0x8664
 PAGE = 0x1000
 _SCN_CODE = 0x60000020  # CODE | EXECUTE | READ
 _SCN_RDATA = 0x40000040  # INITIALIZED_DATA | READ
 _SCN_DATA = 0xC0000040  # INITIALIZED_DATA | READ | WRITE
+E_LFANEW = 0x80  # where this builder puts the NT headers
+_OPTIONAL_HEADER = E_LFANEW + 24
+_DATA_DIRECTORIES = _OPTIONAL_HEADER + 112  # PE32+: DataDirectory follows NumberOfRvaAndSizes
+
+
+def data_directory_offset(index: int) -> int:
+    """Header offset of IMAGE_DATA_DIRECTORY[index] (VirtualAddress, then Size) as written."""
+    return _DATA_DIRECTORIES + 8 * index
 
 
 @dataclass
@@ -44,6 +53,8 @@ class PeImage:
     export_rva: int = 0
     export_size: int = 0
     pdata_rva: int = 0
+    # Where build_exports put the arrays and each name string (RVAs), for damage.py.
+    export_layout: dict[str, Any] = field(default_factory=dict)
 
     def section(self, name: str) -> Section:
         for sec in self.sections:
@@ -66,7 +77,7 @@ class PeImage:
         functions = sorted(set(self.exports.values()))
         index_of = {f: i for i, f in enumerate(functions)}
         n_funcs, n_names = len(functions), len(names)
-        dll_name = self.name.encode() + b"\0"
+        dll_name = self.name.encode("utf-8", "surrogatepass") + b"\0"
         eat = rva + 40
         npt = eat + 4 * n_funcs
         ord_table = npt + 4 * n_names
@@ -88,6 +99,13 @@ class PeImage:
         body += blob
         self.put(section, rva, bytes(body))
         self.export_rva, self.export_size = rva, len(body)
+        self.export_layout = {
+            "functions": eat,
+            "names": npt,
+            "ordinals": ord_table,
+            "function_rvas": functions,
+            "name_rvas": dict(zip(names, name_rvas, strict=True)),
+        }
 
     def build_pdata(self, section: str, rva: int) -> None:
         body = b"".join(struct.pack("<III", b, e, u) for b, e, u in sorted(self.pdata))
@@ -105,7 +123,7 @@ class PeImage:
         hdr = bytearray(PAGE)
         # IMAGE_DOS_HEADER: e_magic and e_lfanew are all a loader reads.
         hdr[0:2] = b"MZ"
-        e_lfanew = 0x80
+        e_lfanew = E_LFANEW
         struct.pack_into("<I", hdr, 0x3C, e_lfanew)
         n_sections = len(self.sections)
         characteristics = 0x2022 if self.dll else 0x0022  # EXECUTABLE | LARGE_ADDRESS_AWARE (| DLL)
@@ -175,7 +193,7 @@ class PeImage:
                 "<8sIIIIIIHHI",
                 hdr,
                 sec_table + 40 * i,
-                sec.name.encode()[:8],
+                sec.name.encode("utf-8", "surrogatepass")[:8],
                 _page_up(sec.virtual_size),
                 sec.rva,
                 _page_up(sec.virtual_size),

@@ -97,7 +97,7 @@ class ModuleMapper:
             return self._control_areas[key]
         k, w = self.kernel, self.kernel.writer
         file_object = k.pool_object("_FILE_OBJECT", b"File")
-        name_buffer = k.pool(len(module.path) * 2 + 2, b"FMfn")
+        name_buffer = k.pool(_utf16_size(module.path), b"FMfn")
         w.unicode_string(
             k.space,
             file_object + k.symbols.offset("_FILE_OBJECT", "FileName"),
@@ -177,6 +177,11 @@ def write_vad_tree(kernel: Kernel, mapper: ModuleMapper, proc: ProcessLayout) ->
     return link(0, len(nodes) - 1, 0)
 
 
+def _utf16_size(text: str) -> int:
+    """Bytes of ``text`` as a NUL-terminated UTF-16 string (unpaired surrogates allowed)."""
+    return len(text.encode("utf-16-le", "surrogatepass")) + 2
+
+
 def write_loader_data(kernel: Kernel, proc: ProcessLayout) -> int:
     """PEB_LDR_DATA with the three module lists; the EXE is not in initialization order."""
     w, sym, space = kernel.writer, kernel.symbols, proc.space
@@ -191,8 +196,8 @@ def write_loader_data(kernel: Kernel, proc: ProcessLayout) -> int:
     lists = {"InLoadOrderLinks": [], "InMemoryOrderLinks": [], "InInitializationOrderLinks": []}
     for index, module in enumerate([proc.exe, *proc.modules]):
         entry = proc.heap(sym.size("_LDR_DATA_TABLE_ENTRY"))
-        full = proc.heap(len(module.path) * 2 + 2)
-        base_name = proc.heap(len(module.name) * 2 + 2)
+        full = proc.heap(_utf16_size(f"C:{module.path}"))
+        base_name = proc.heap(_utf16_size(module.name))
         w.unicode_string(
             space,
             entry + sym.offset("_LDR_DATA_TABLE_ENTRY", "FullDllName"),

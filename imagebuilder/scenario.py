@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagebuilder.damage_spec import (
+    DamageError,
+    ProcessDamage,
+    ScenarioDamage,
+    ThreadDamage,
+    parse_process_damage,
+    parse_scenario_damage,
+    parse_thread_damage,
+)
+
 # Modules the builder knows how to write.  Any other name becomes a plain DLL with a few
 # exports, so a scenario can place a KernelCallbackTable entry in a foreign module.
 KNOWN_MODULES = ("ntdll.dll", "win32u.dll", "user32.dll", "kernel32.dll")
@@ -40,6 +50,7 @@ class Thread:
     wait: str = "NtWaitForSingleObject"  # syscall the innermost user frame sits in
     callbacks: tuple[Callback, ...] = ()
     wait_reason: str = "UserRequest"
+    damage: tuple[ThreadDamage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Process:
     # ApiNumber -> module name, or "private" for memory no module maps
     callback_overrides: dict[int, str] = field(default_factory=dict)
     page_out: tuple[str, ...] = ()
+    damage: ProcessDamage = ProcessDamage()
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class Scenario:
     system_threads: int = 2
     ntdll_zw_alias: bool = True  # ntdll exports ZwCallbackReturn beside NtCallbackReturn
     callback_table_size: int = 128
+    damage: ScenarioDamage = ScenarioDamage()
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -75,6 +88,13 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def parse_scenario(data: Any) -> Scenario:
+    try:
+        return _scenario(data)
+    except DamageError as exc:
+        raise ScenarioError(str(exc)) from None
+
+
+def _scenario(data: Any) -> Scenario:
     where = "scenario"
     obj = _mapping(data, where)
     _only(
@@ -88,6 +108,7 @@ def parse_scenario(data: Any) -> Scenario:
             "system_threads",
             "ntdll_zw_alias",
             "callback_table_size",
+            "damage",
         },
     )
     table_size = _int(obj.get("callback_table_size", 128), f"{where}.callback_table_size", 1, 4096)
@@ -105,13 +126,12 @@ def parse_scenario(data: Any) -> Scenario:
         callback_table_size=table_size,
     )
     _check_unique(scenario)
-    if processes and all("ntdll_exports" in p.page_out for p in processes):
-        # With no readable copy of ntdll's export directory anywhere, what the plugin can
-        # still say depends on its fallbacks; the truth file does not model that yet.
-        raise ScenarioError(
-            f"{where}.processes: page_out 'ntdll_exports' in every process leaves no readable"
-            " copy of ntdll's exports; keep it in at least one process"
+    if "damage" in obj:
+        threads_of = {t.tid: p.pid for p in processes for t in p.threads if t.kind == "user"}
+        damage = parse_scenario_damage(
+            obj["damage"], f"{where}.damage", [p.pid for p in processes], threads_of
         )
+        scenario = Scenario(**{**scenario.__dict__, "damage": damage})
     return scenario
 
 
@@ -120,7 +140,17 @@ def _process(data: Any, where: str, table_size: int) -> Process:
     _only(
         obj,
         where,
-        {"pid", "name", "ppid", "modules", "threads", "wow64", "callback_overrides", "page_out"},
+        {
+            "pid",
+            "name",
+            "ppid",
+            "modules",
+            "threads",
+            "wow64",
+            "callback_overrides",
+            "page_out",
+            "damage",
+        },
     )
     pid = _int(obj.get("pid"), f"{where}.pid", 8, 0xFFFFFFFC)
     if pid % 4:
@@ -168,8 +198,17 @@ def _process(data: Any, where: str, table_size: int) -> Process:
     if not threads:
         raise ScenarioError(f"{where}.threads: a process needs at least one thread")
     name = _str(obj.get("name"), f"{where}.name")
-    if not 0 < len(name.encode("latin-1", "replace")) <= 14:
-        raise ScenarioError(f"{where}.name: 1 to 14 characters (EPROCESS.ImageFileName)")
+    try:
+        encoded = name.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ScenarioError(
+            f"{where}.name: EPROCESS.ImageFileName holds bytes; use characters U+0000..U+00FF"
+        ) from None
+    if not 0 < len(encoded) <= 14 or "\0" in name:
+        raise ScenarioError(f"{where}.name: 1 to 14 characters (EPROCESS.ImageFileName), no NUL")
+    damage = ProcessDamage()
+    if "damage" in obj:
+        damage = parse_process_damage(obj["damage"], f"{where}.damage", [t.tid for t in threads])
     return Process(
         pid=pid,
         name=name,
@@ -179,12 +218,13 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         wow64=_bool(obj.get("wow64", False), f"{where}.wow64"),
         callback_overrides=overrides,
         page_out=page_out,
+        damage=damage,
     )
 
 
 def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) -> Thread:
     obj = _mapping(data, where)
-    _only(obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason"})
+    _only(obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason", "damage"})
     tid = _int(obj.get("tid"), f"{where}.tid", 4, 0xFFFFFFFC)
     if tid % 4:
         raise ScenarioError(f"{where}.tid: {tid} is not a multiple of 4 (Windows ids are)")
@@ -211,6 +251,7 @@ def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) ->
         wait=wait,
         callbacks=callbacks,
         wait_reason=_str(obj.get("wait_reason", "UserRequest"), f"{where}.wait_reason"),
+        damage=parse_thread_damage(obj.get("damage", []), f"{where}.damage", len(callbacks), kind),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from imagebuilder.pe_image import new_image, set_image_base
 
@@ -70,6 +71,8 @@ class ModuleImage:
     export_dir: tuple[int, int] = (0, 0)  # RVA, size
     data_section: tuple[int, int] = (0, 0)  # RVA, size: pages a process gets its own copy of
     extras: dict[str, int] = field(default_factory=dict)
+    export_layout: dict[str, Any] = field(default_factory=dict)  # PeImage.export_layout
+    pdata: tuple[int, int] = (0, 0)  # RVA, size of the exception directory
 
     @property
     def size(self) -> int:
@@ -121,7 +124,12 @@ def _unwind_push_machframe() -> bytes:
     return bytes([0x01, 0x00, 0x02, 0x00, 0x00, (5 << 4) | 2, 0x00, (0 << 4) | 10])
 
 
-def build_ntdll(zw_alias: bool) -> ModuleImage:
+# An extra name at NtCallbackReturn's address that sorts before it (damage "decoy_alias": two
+# exports claiming the callback-return stub).
+DECOY_EXPORT = "KiCallbackReturnDecoy"
+
+
+def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     img = new_image(
         "ntdll.dll",
         0x30000,
@@ -154,6 +162,8 @@ def build_ntdll(zw_alias: bool) -> ModuleImage:
         start = 0x3000 + 0x200 * i
         img.put(".text", start, b"\x48\x83\xec\x28\xcc".ljust(0x40, b"\xcc"))
         exports[name] = start
+    if decoy:
+        exports[DECOY_EXPORT] = exports["NtCallbackReturn"]
     img.exports = exports
     img.build_exports(".rdata", 0x10000)
     img.build_pdata(".pdata", 0x14000)
@@ -164,7 +174,9 @@ def build_ntdll(zw_alias: bool) -> ModuleImage:
         set_image_base(bytes(img), MODULE_BASES["ntdll.dll"]),
         exports,
         export_dir=(img.export_rva, img.export_size),
+        export_layout=img.export_layout,
         extras={"dispatcher": dispatcher, "dispatcher_return": dispatcher + _CALL_TABLE_OFFSET},
+        pdata=(img.pdata_rva, 12 * len(img.pdata)),
     )
 
 
@@ -184,6 +196,7 @@ def build_win32u() -> ModuleImage:
         set_image_base(bytes(img), MODULE_BASES["win32u.dll"]),
         exports,
         export_dir=(img.export_rva, img.export_size),
+        export_layout=img.export_layout,
     )
 
 
@@ -229,6 +242,7 @@ def build_user32(table_size: int) -> ModuleImage:
         set_image_base(bytes(img), base),
         exports,
         export_dir=(img.export_rva, img.export_size),
+        export_layout=img.export_layout,
         data_section=(CALLBACK_TABLE_RVA, len(table)),
         extras={"callback_table": CALLBACK_TABLE_RVA},
     )
@@ -238,7 +252,10 @@ def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImag
     """A module with a few exports: kernel32, an EXE, or a foreign DLL of a scenario."""
     img = new_image(name, 0x8000, [(".text", 0x1000, "code"), (".rdata", 0x4000, "rdata")])
     img.dll = dll
-    stem = name.rsplit(".", 1)[0].replace(" ", "_")
+    # Export names stay plain identifiers whatever the module is called (a scenario may give a
+    # module control characters or unpaired surrogates to test the plugin's escaping).
+    stem = "".join(c for c in name.rsplit(".", 1)[0] if c.isascii() and (c.isalnum() or c == "_"))
+    stem = stem or "Module"
     exports = {}
     for i, suffix in enumerate(("Init", "Run", "Stop")):
         rva = 0x1000 + 0x80 * i
@@ -255,5 +272,6 @@ def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImag
         set_image_base(bytes(img), base),
         exports,
         export_dir=(img.export_rva, img.export_size),
+        export_layout=img.export_layout,
         extras={"payload": 0x2000},
     )

@@ -64,10 +64,6 @@ def lab(tmp_path_factory):
         ),
         (lambda s: s.update(memory_mb="lots"), r"scenario\.memory_mb: expected an integer"),
         (
-            lambda s: [p.update(page_out=["ntdll_exports"]) for p in s["processes"]],
-            r"scenario\.processes: page_out 'ntdll_exports' in every process",
-        ),
-        (
             lambda s: s["processes"][0].update(name="a-very-long-process-name.exe"),
             r"processes\[0\]\.name: 1 to 14 characters",
         ),

@@ -117,13 +117,22 @@ def build_pe(
 BASE = 0x7FFB_0000_0000
 
 
+def parse_exports(image: bytes) -> pe_exports.ModuleExports:
+    """Parses ``image``'s export directory as read_module_exports does after reading it."""
+    headers = pe_exports.parse_headers(image[:PAGE])
+    assert headers is not None
+    rva, size = headers.export.rva, headers.export.size
+    return pe_exports.parse_export_directory(
+        image[rva : rva + size], rva, headers.size_of_image, BASE
+    )
+
+
 def test_parse_export_directory_reads_names_addresses_and_skips_forwarders():
     image = build_pe(
         {"NtCallbackReturn": 0x1100, "ZwCallbackReturn": 0x1100, "NtClose": 0x1120},
         forwarders={"RtlForwarded": "other.Function"},
     )
-    exports = pe_exports.parse_export_directory(image, BASE)
-    assert exports is not None
+    exports = parse_exports(image)
     assert exports.address_of("NtClose") == BASE + 0x1120
     assert exports.address_of("ZwCallbackReturn") == BASE + 0x1100
     assert exports.address_of("RtlForwarded") is None

@@ -6,6 +6,11 @@ kernel-to-user callbacks (``in-callback``), and lists each callback level found 
 stack (UCALLOUT_FRAME) together with whether the kernel's record of it (_KSTACK_CONTROL chain,
 KCALLOUT_FRAME, trap frames) agrees.  Output columns and texts follow docs/output-contract.md;
 the Windows model follows ../shared/docs/callback-machinery.md.  x64 kernels only.
+
+Damaged, smeared and hostile images: every read goes through bounded, exception-safe helpers
+(kcbwait_analysis.memory), every loop over image data has a named cap, and what cannot be read
+or cannot be true becomes a note on the thread's row rather than a lost row or a traceback
+(README, "Damaged images").
 """
 
 import logging
@@ -21,10 +26,16 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     process_info,
     reason,
     results,
+    text,
     thread_analysis,
+    thread_list,
 )
 
 vollog = logging.getLogger(__name__)
+
+# Threads analysed per run over all processes: a real system has a few thousand; the cap keeps
+# a hostile image of 0x4000 fake processes x 0x10000 fake threads from running for days.
+MAX_TOTAL_THREADS = 0x100000
 
 COLUMNS = [
     ("PID", int),
@@ -127,13 +138,25 @@ class KcbWait(interfaces.plugins.PluginInterface):
             lambda: pslist.PsList.list_processes(context, kernel_module_name),
         )
         analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog)
+        lister = thread_list.ThreadLister(context, kernel_module_name)
         tid_filter = set(tids or [])
         processes = pslist.PsList.list_processes(
             context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
         )
+        budget = MAX_TOTAL_THREADS
         for proc in memory.bounded(processes, process_info.MAX_PROCESSES):
             info = catalog.process_info(proc)
-            for thread in thread_analysis.list_threads(context, kernel_module_name, proc):
+            listing = lister.list(proc.vol.offset)
+            for problem in listing.problems:
+                vollog.warning(
+                    f"PID {info.summary.pid} (EPROCESS {proc.vol.offset:#x}): thread list "
+                    f"damaged: {problem}; threads found by the other walks are still listed"
+                )
+            for thread in lister.threads(listing):
+                if budget <= 0:
+                    vollog.warning(f"stopped after {MAX_TOTAL_THREADS} threads (corrupt lists?)")
+                    return
+                budget -= 1
                 if tid_filter:
                     tid = memory.try_read(lambda t=thread: int(t.Cid.UniqueThread))
                     if tid not in tid_filter:
@@ -147,7 +170,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
         return (
             _cell(process.pid, "PID", unreadable),
             _cell(result.tid, "TID", unreadable),
-            _cell(process.name, "Process", unreadable),
+            _cell(text.display(process.name), "Process", unreadable),
             _cell(process.wow64, "Wow64", unreadable),
             0,
             result.reason,
@@ -155,7 +178,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             _cell(result.wait_reason, "WaitReason", unreadable),
             _cell(result.nesting_level, "NestingLevel", unreadable),
             _cell(result.rip, "Rip", hex_value=True),
-            _cell(result.symbol, "Symbol"),
+            _cell(text.display(result.symbol), "Symbol"),
             _cell(result.rsp, "Rsp", hex_value=True),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
@@ -175,7 +198,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
         return (
             _cell(process.pid, "PID", unreadable),
             _cell(result.tid, "TID", unreadable),
-            _cell(process.name, "Process", unreadable),
+            _cell(text.display(process.name), "Process", unreadable),
             _cell(process.wow64, "Wow64", unreadable),
             callback.level,
             reason.CALLBACK,
@@ -183,12 +206,12 @@ class KcbWait(interfaces.plugins.PluginInterface):
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             format_hints.Hex(frame.rip),
-            _cell(callback.symbol, "Symbol"),
+            _cell(text.display(callback.symbol), "Symbol"),
             format_hints.Hex(frame.rsp),
             format_hints.Hex(frame.address),
             frame.api_number,
             _cell(callback.handler, "Handler", callback.unreadable, hex_value=True),
-            _cell(callback.handler_symbol, "HandlerSymbol"),
+            _cell(text.display(callback.handler_symbol), "HandlerSymbol"),
             format_hints.Hex(frame.buffer),
             frame.length,
             callback.kernel_side,

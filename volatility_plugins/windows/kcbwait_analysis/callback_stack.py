@@ -49,12 +49,21 @@ def compare_level(
     return AGREES
 
 
+def first_level(frames_found: int, chain: kernel_callout.SegmentChain | None) -> int:
+    """The level number of the outermost frame found (see the module docstring)."""
+    if chain is not None and chain.complete and frames_found <= chain.callout_count:
+        return chain.callout_count - frames_found + 1
+    return 1
+
+
 def compare_levels(
     frames: Sequence[user_callout.UcalloutFrame],
     chain: kernel_callout.SegmentChain | None,
     levels: Sequence[kernel_callout.KernelLevel],
+    first: int = 1,
 ) -> list[str]:
-    """KernelSide texts for ``frames`` (outermost first) against the kernel ``levels``.
+    """KernelSide texts for ``frames`` (outermost first, numbered from ``first``) against the
+    kernel ``levels`` (outermost first, numbered from 1).
 
     An incomplete or missing segment chain leaves every level ``unreadable: kernel stack``:
     without the original stack the outermost-first numbering of the kernel side is unknown.
@@ -63,7 +72,8 @@ def compare_levels(
         return [UNREADABLE_KERNEL_STACK for _ in frames]
     verdicts = []
     for index, frame in enumerate(frames):
-        level = levels[index] if index < len(levels) else None
+        position = first - 1 + index
+        level = levels[position] if position < len(levels) else None
         verdicts.append(compare_level(frame, level))
     return verdicts
 

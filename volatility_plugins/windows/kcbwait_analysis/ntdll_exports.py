@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports
+from volatility3.plugins.windows.kcbwait_analysis import pe_exports
 
 NTDLL_NAME = "ntdll.dll"
 CALLBACK_RETURN_EXPORTS = ("NtCallbackReturn", "ZwCallbackReturn")
@@ -96,20 +96,18 @@ def read_exception_directory(
     """Reads the .pdata (IMAGE_DIRECTORY_ENTRY_EXCEPTION) of the image at ``base``.
 
     Unreadable pages are left zero (their entries then match nothing); returns None if the
-    headers are unreadable or there is no exception directory.
+    headers are unreadable or invalid, or the exception directory is absent, larger than
+    MAX_EXCEPTION_DIRECTORY or outside the image.  Only the directory's own bytes are read.
     """
-    header = memory.read_bytes(context, layer_name, base, pe_exports.HEADER_SIZE)
-    if header is None:
-        return None
-    headers = pe_exports.parse_headers(header)
+    headers, _problem = pe_exports.read_headers(context, layer_name, base)
     if headers is None:
         return None
     directory = headers.exception
-    if directory.rva == 0 or directory.size == 0 or directory.size > MAX_EXCEPTION_DIRECTORY:
+    if not pe_exports.directory_in_image(headers, directory, MAX_EXCEPTION_DIRECTORY):
         return None
-    buffer = bytearray(directory.rva + directory.size)
-    pe_exports.read_pages_into(context, layer_name, base, buffer, directory.rva, directory.size)
-    return bytes(buffer[directory.rva :])
+    buffer = bytearray(directory.size)
+    pe_exports.read_pages_into(context, layer_name, base + directory.rva, buffer)
+    return bytes(buffer)
 
 
 @dataclass(frozen=True)
@@ -121,10 +119,9 @@ class NtdllFacts:
     callback_return_ranges: tuple[AddressRange, ...]
     dispatcher: int | None
     dispatcher_range: AddressRange | None
-
-    @property
-    def exports_readable(self) -> bool:
-        return self.exports is not None
+    exports_problem: str | None = None
+    """None, pe_exports.UNREADABLE, or pe_exports.INVALID when the export directory is unusable
+    or names neither NtCallbackReturn nor ZwCallbackReturn (at-return cannot be decided)."""
 
 
 def build_facts(
@@ -133,6 +130,7 @@ def build_facts(
     exports: pe_exports.ModuleExports | None,
     pdata: bytes | None,
     kernel_dispatcher: int | None,
+    exports_problem: str | None = None,
 ) -> NtdllFacts:
     """Combines one ntdll image's exports and .pdata with the kernel's dispatcher address.
 
@@ -149,10 +147,16 @@ def build_facts(
     dispatcher_range = None
     if dispatcher is not None:
         dispatcher_range = dispatcher_function_range(dispatcher, base, pdata)
+    ranges = callback_return_ranges(exports) if exports is not None else ()
+    if exports is None and exports_problem is None:
+        exports_problem = pe_exports.UNREADABLE
+    elif exports is not None and not ranges:
+        exports_problem = pe_exports.INVALID
     return NtdllFacts(
         base=base,
         exports=exports,
-        callback_return_ranges=callback_return_ranges(exports) if exports is not None else (),
+        callback_return_ranges=ranges,
         dispatcher=dispatcher,
         dispatcher_range=dispatcher_range,
+        exports_problem=exports_problem,
     )

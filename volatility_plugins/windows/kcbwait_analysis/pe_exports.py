@@ -1,10 +1,19 @@
-"""Export tables of PE images mapped in a process, parsed from memory with pefile.
+"""Export tables of PE images mapped in a process, parsed from memory.
 
 A loaded image is laid out by RVA (memory layout), not by file offset.  Only the header page and
 the export directory's pages are read: a linker keeps the IMAGE_EXPORT_DIRECTORY, its three
-arrays and the name strings inside the range the EXPORT data directory names.  pefile is handed a
-buffer in which offset == RVA (the section table is hidden from it), so it parses the export
-directory exactly where the loader mapped it.
+arrays and the name strings inside the range the EXPORT data directory names, so anything an
+export directory points at outside that range is corrupt or hostile.  pefile parses the header
+page (a fixed 4 KiB buffer); the export directory is parsed here, with every count, array and
+string checked against that range and against fixed caps, so a hostile directory costs at most
+MAX_EXPORT_DIRECTORY bytes and MAX_EXPORTS entries.
+
+Outcomes (docs/output-contract.md): a table (possibly empty: a valid image without exports), or
+``unreadable`` (the header or a page of the directory could not be read) or ``invalid`` (header
+sizes beyond the caps or the image, counts or arrays that do not fit the directory).  Single
+entries that are unusable (name not NUL-terminated inside the directory or longer than
+MAX_EXPORT_NAME, ordinal beyond the address table, RVA 0 or beyond SizeOfImage, forwarders) are
+left out and the rest of the table is kept.
 """
 
 import bisect
@@ -14,18 +23,26 @@ from dataclasses import dataclass, field
 
 import pefile
 from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory
+from volatility3.plugins.windows.kcbwait_analysis import memory, text
 
 HEADER_SIZE = memory.PAGE_SIZE
 # A sane image's export directory is far smaller (ntdll's is ~0x20000 bytes).
 MAX_EXPORT_DIRECTORY = 0x100000
-# Upper bound of any RVA this module will materialise a buffer for.
+# Upper bound of SizeOfImage (and so of any RVA) this module accepts; ntdll is ~2 MiB.
 MAX_IMAGE_SPAN = 0x4000000
-# IMAGE_FILE_HEADER.NumberOfSections sits 6 bytes into the NT headers ('PE\0\0' + Machine).
-_NUMBER_OF_SECTIONS_OFFSET = 6
+# ntdll exports ~2,500 names; 64 Ki entries per array is far beyond any real image.
+MAX_EXPORTS = 0x10000
+# Longest export name accepted (C++ decorated names stay well below this).
+MAX_EXPORT_NAME = 0x200
+# IMAGE_EXPORT_DIRECTORY: 40 bytes; NumberOfFunctions at +0x14, then NumberOfNames,
+# AddressOfFunctions, AddressOfNames, AddressOfNameOrdinals (all ULONG).
+_EXPORT_DIRECTORY = struct.Struct("<20xIIIII")
 
 IMAGE_DIRECTORY_ENTRY_EXPORT = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_EXPORT"]
 IMAGE_DIRECTORY_ENTRY_EXCEPTION = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_EXCEPTION"]
+
+UNREADABLE = "unreadable"
+INVALID = "invalid"
 
 
 @dataclass(frozen=True)
@@ -108,60 +125,82 @@ def parse_headers(header: bytes) -> ImageHeaders | None:
     )
 
 
-def _hide_sections(header: bytes) -> bytes:
-    """Sets NumberOfSections to 0 so pefile maps every RVA to the same buffer offset."""
-    if len(header) < 0x40:
-        return header
-    e_lfanew = struct.unpack_from("<I", header, 0x3C)[0]
-    position = e_lfanew + _NUMBER_OF_SECTIONS_OFFSET
-    if position + 2 > len(header):
-        return header
-    patched = bytearray(header)
-    struct.pack_into("<H", patched, position, 0)
-    return bytes(patched)
+class CorruptExports(ValueError):
+    """The export directory's own fields contradict its size or the caps."""
 
 
-def parse_export_directory(image: bytes, base: int) -> ModuleExports | None:
-    """Parses the export directory of a memory-layout image buffer (offset == RVA).
+def _array(directory: bytes, start: int, rva: int, count: int, width: int) -> bytes:
+    """The ``count`` entries of ``width`` bytes at ``rva``, which must lie in the directory."""
+    if count == 0:
+        return b""
+    offset = rva - start
+    if offset < 0 or offset + count * width > len(directory):
+        raise CorruptExports(f"array at RVA {rva:#x} is outside the export directory")
+    return directory[offset : offset + count * width]
 
-    ``image`` must hold at least the header page and the export directory range; bytes not read
-    from memory may be zero.  Forwarded exports (an RVA inside the export directory) and exports
-    without a name or with RVA 0 are left out: they do not name code at that address.
+
+def _name(directory: bytes, start: int, rva: int) -> str | None:
+    """The NUL-terminated name at ``rva`` inside the directory, or None."""
+    offset = rva - start
+    if offset < 0 or offset >= len(directory):
+        return None
+    end = directory.find(b"\0", offset, offset + MAX_EXPORT_NAME + 1)
+    if end <= offset:
+        return None
+    return text.latin1(directory[offset:end])
+
+
+def parse_export_directory(
+    directory: bytes, start: int, size_of_image: int, base: int
+) -> ModuleExports:
+    """Parses an export directory read from RVA ``start`` of the image mapped at ``base``.
+
+    Raises CorruptExports when the directory's counts or arrays do not fit it.  Forwarded
+    exports (an RVA inside the export directory) and unusable entries are left out: they do not
+    name code at that address.
     """
-    try:
-        pe = pefile.PE(data=_hide_sections(image), fast_load=True)
-        pe.parse_data_directories(directories=[IMAGE_DIRECTORY_ENTRY_EXPORT])
-    except pefile.PEFormatError:
-        return None
-    export_dir = getattr(pe, "DIRECTORY_ENTRY_EXPORT", None)
-    if export_dir is None:
-        return None
+    if len(directory) < 40:
+        raise CorruptExports("export directory smaller than IMAGE_EXPORT_DIRECTORY")
+    functions_count, names_count, functions_rva, names_rva, ordinals_rva = (
+        _EXPORT_DIRECTORY.unpack_from(directory, 0)
+    )
+    if functions_count > MAX_EXPORTS or names_count > MAX_EXPORTS:
+        raise CorruptExports(f"{functions_count} functions, {names_count} names")
+    functions = struct.unpack(
+        f"<{functions_count}I", _array(directory, start, functions_rva, functions_count, 4)
+    )
+    names = struct.unpack(f"<{names_count}I", _array(directory, start, names_rva, names_count, 4))
+    ordinals = struct.unpack(
+        f"<{names_count}H", _array(directory, start, ordinals_rva, names_count, 2)
+    )
+    end = start + len(directory)
     pairs: list[tuple[str, int]] = []
-    for symbol in export_dir.symbols:
-        if symbol.forwarder or not symbol.name or not symbol.address:
+    for name_rva, ordinal in zip(names, ordinals, strict=True):
+        if ordinal >= functions_count:
             continue
-        name = symbol.name.decode("ascii", errors="replace")
-        pairs.append((name, base + symbol.address))
+        function_rva = functions[ordinal]
+        if function_rva == 0 or function_rva >= size_of_image or start <= function_rva < end:
+            continue
+        name = _name(directory, start, name_rva)
+        if name:
+            pairs.append((name, base + function_rva))
     return ModuleExports.from_pairs(base, pairs)
 
 
 def read_pages_into(
     context: interfaces.context.ContextInterface,
     layer_name: str,
-    base: int,
+    address: int,
     buffer: bytearray,
-    rva: int,
-    size: int,
 ) -> bool:
-    """Copies [rva, rva+size) of the image at ``base`` into ``buffer`` page by page.
+    """Fills ``buffer`` with the bytes at ``address`` page by page.
 
     Returns False if any page was unreadable (its bytes stay zero)."""
     complete = True
-    cursor = rva
-    end = rva + size
-    while cursor < end:
-        page_end = min(end, (cursor & ~(memory.PAGE_SIZE - 1)) + memory.PAGE_SIZE)
-        data = memory.read_bytes(context, layer_name, base + cursor, page_end - cursor)
+    cursor = 0
+    while cursor < len(buffer):
+        page_end = min(len(buffer), cursor + memory.PAGE_SIZE - ((address + cursor) & 0xFFF))
+        data = memory.read_bytes(context, layer_name, address + cursor, page_end - cursor)
         if data is None:
             complete = False
         else:
@@ -170,31 +209,57 @@ def read_pages_into(
     return complete
 
 
-def read_module_exports(
-    context: interfaces.context.ContextInterface, layer_name: str, base: int
-) -> ModuleExports | None:
-    """Reads and parses the export table of the image mapped at ``base`` in ``layer_name``.
+def directory_in_image(headers: ImageHeaders, directory: DataDirectory, cap: int) -> bool:
+    """True when ``directory`` is non-empty, at most ``cap`` bytes and inside the image."""
+    return (
+        0 < directory.size <= cap
+        and directory.rva > 0
+        and directory.rva + directory.size <= headers.size_of_image
+    )
 
-    Returns None when the headers or any page of the export directory cannot be read, so that
-    the caller can try another process's copy of the same image.
-    """
+
+@dataclass(frozen=True)
+class ExportsRead:
+    """An export table, or None with the reason (UNREADABLE or INVALID)."""
+
+    exports: ModuleExports | None
+    problem: str | None = None
+
+
+def read_headers(
+    context: interfaces.context.ContextInterface, layer_name: str, base: int
+) -> tuple[ImageHeaders | None, str | None]:
+    """The image's headers, or None and UNREADABLE / INVALID."""
     header = memory.read_bytes(context, layer_name, base, HEADER_SIZE)
     if header is None:
-        return None
+        return None, UNREADABLE
     headers = parse_headers(header)
+    if headers is None or not 0 < headers.size_of_image <= MAX_IMAGE_SPAN:
+        return None, INVALID
+    return headers, None
+
+
+def read_module_exports(
+    context: interfaces.context.ContextInterface, layer_name: str, base: int
+) -> ExportsRead:
+    """Reads and parses the export table of the image mapped at ``base`` in ``layer_name``.
+
+    UNREADABLE lets the caller try another process's copy of the same image.
+    """
+    headers, problem = read_headers(context, layer_name, base)
     if headers is None:
-        return None
+        return ExportsRead(None, problem)
     export = headers.export
-    if (
-        export.rva == 0
-        or export.size == 0
-        or export.size > MAX_EXPORT_DIRECTORY
-        or export.rva + export.size > MAX_IMAGE_SPAN
-    ):
-        # A valid image without exports: an empty table, not a failure.
-        return ModuleExports.from_pairs(base, [])
-    image = bytearray(max(HEADER_SIZE, export.rva + export.size))
-    image[:HEADER_SIZE] = header
-    if not read_pages_into(context, layer_name, base, image, export.rva, export.size):
-        return None
-    return parse_export_directory(bytes(image), base)
+    if export.rva == 0 and export.size == 0:
+        return ExportsRead(ModuleExports.from_pairs(base, []))  # a valid image without exports
+    if not directory_in_image(headers, export, MAX_EXPORT_DIRECTORY):
+        return ExportsRead(None, INVALID)
+    directory = bytearray(export.size)
+    if not read_pages_into(context, layer_name, base + export.rva, directory):
+        return ExportsRead(None, UNREADABLE)
+    try:
+        return ExportsRead(
+            parse_export_directory(bytes(directory), export.rva, headers.size_of_image, base)
+        )
+    except CorruptExports:
+        return ExportsRead(None, INVALID)

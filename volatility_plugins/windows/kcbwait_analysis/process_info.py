@@ -2,7 +2,9 @@
 
 A DLL is mapped at the same base in every process of a boot (ntdll always is), so an image's
 export table and .pdata are parsed once per (base, path).  When this process's copy of a page is
-unreadable (paged out), the same image in another process is tried before giving up.
+unreadable (paged out), the same image in up to MAX_COPIES_TRIED other processes is tried before
+giving up.  Every cache is bounded, so a hostile image with huge process or module lists costs
+bounded memory.
 """
 
 import logging
@@ -10,7 +12,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from volatility3.framework import exceptions, interfaces
-from volatility3.framework.objects import utility
 from volatility3.plugins.windows.kcbwait_analysis import (
     kernel_facts,
     memory,
@@ -18,12 +19,22 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     pe_exports,
     results,
     symbolizer,
+    text,
 )
 
 vollog = logging.getLogger(__name__)
 
 # Bounds on the process list walked to find other copies of an image.
 MAX_PROCESSES = 0x4000
+# Loader entries kept over all processes of an image (a busy real system has ~50,000).
+MAX_TOTAL_MODULES = 0x40000
+# Other processes' copies of an image tried when one copy's pages are unreadable.
+MAX_COPIES_TRIED = 16
+# Export tables kept in the cache (each at most pe_exports.MAX_EXPORTS entries); the oldest is
+# dropped beyond this, and re-parsed if asked for again.
+MAX_CACHED_IMAGES = 0x1000
+# EPROCESS.ImageFileName is UCHAR[15].
+IMAGE_FILE_NAME_LENGTH = 15
 
 ImageKey = tuple[int, str]
 
@@ -37,6 +48,7 @@ class ProcessInfo:
     layer_name: str | None
     peb_readable: bool = False
     kernel_callback_table: int | None = None
+    """PEB.KernelCallbackTable; None when the PEB or the field could not be read."""
     modules: list[symbolizer.LoadedModule] = field(default_factory=list)
 
     @property
@@ -48,17 +60,28 @@ class ProcessInfo:
         return None
 
 
-def _process_summary(proc: interfaces.objects.ObjectInterface) -> results.ProcessSummary:
+def _image_file_name(
+    context: interfaces.context.ContextInterface, proc: interfaces.objects.ObjectInterface
+) -> str | None:
+    """EPROCESS.ImageFileName exactly: its bytes up to the first NUL, as Latin-1."""
+    field_object = proc.ImageFileName
+    data = memory.read_bytes(
+        context, field_object.vol.layer_name, field_object.vol.offset, IMAGE_FILE_NAME_LENGTH
+    )
+    return None if data is None else text.latin1(data)
+
+
+def _process_summary(
+    context: interfaces.context.ContextInterface, proc: interfaces.objects.ObjectInterface
+) -> results.ProcessSummary:
     unreadable = set()
     try:
         pid: int | None = int(proc.UniqueProcessId)
     except exceptions.InvalidAddressException:
         pid = None
         unreadable.add("PID")
-    try:
-        name: str | None = utility.array_to_string(proc.ImageFileName)
-    except exceptions.InvalidAddressException:
-        name = None
+    name = _image_file_name(context, proc)
+    if name is None:
         unreadable.add("Process")
     try:
         wow64: bool | None = bool(proc.get_is_wow64())
@@ -72,9 +95,10 @@ def read_process_info(
     context: interfaces.context.ContextInterface,
     facts: kernel_facts.KernelFacts,
     proc: interfaces.objects.ObjectInterface,
+    module_budget: int = symbolizer.MAX_LOADER_ENTRIES,
 ) -> ProcessInfo:
     """Builds ProcessInfo; unreadable parts are left empty, never raised."""
-    info = ProcessInfo(proc.vol.offset, _process_summary(proc), None)
+    info = ProcessInfo(proc.vol.offset, _process_summary(context, proc), None)
     try:
         info.layer_name = proc.add_process_layer()
         peb = proc.get_peb()
@@ -82,10 +106,12 @@ def read_process_info(
         return info
     info.peb_readable = True
     try:
-        info.kernel_callback_table = int(peb.KernelCallbackTable) or None
+        info.kernel_callback_table = int(peb.KernelCallbackTable)
     except exceptions.InvalidAddressException:
         info.kernel_callback_table = None
-    info.modules, _complete = symbolizer.process_modules(context, facts.table_name, peb)
+    info.modules, _complete = symbolizer.process_modules(
+        context, facts.table_name, peb, module_budget
+    )
     return info
 
 
@@ -103,25 +129,41 @@ class ImageCatalog:
         self.facts = facts
         self._all_processes = all_processes
         self._infos: dict[int, ProcessInfo] = {}
-        self._exports: dict[ImageKey, pe_exports.ModuleExports | None] = {}
-        self._ntdll: dict[ImageKey, ntdll_exports.NtdllFacts] = {}
+        self._modules_left = MAX_TOTAL_MODULES
+        self._exports: dict[ImageKey, pe_exports.ExportsRead] = {}
+        self._ntdll: dict[tuple[int, str, int], ntdll_exports.NtdllFacts] = {}
         self._copies: dict[ImageKey, list[str]] | None = None
+        self._by_address: dict[int, ProcessInfo] | None = None
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
 
     def process_info(self, proc: interfaces.objects.ObjectInterface) -> ProcessInfo:
         """ProcessInfo for ``proc``, built once per EPROCESS."""
         offset = proc.vol.offset
         if offset not in self._infos:
-            self._infos[offset] = read_process_info(self._context, self.facts, proc)
+            budget = min(symbolizer.MAX_LOADER_ENTRIES, self._modules_left)
+            info = read_process_info(self._context, self.facts, proc, budget)
+            self._modules_left -= len(info.modules)
+            self._infos[offset] = info
         return self._infos[offset]
+
+    def _listed(self) -> Iterable[ProcessInfo]:
+        for proc in memory.bounded(self._all_processes(), MAX_PROCESSES):
+            yield self.process_info(proc)
+
+    def process_at(self, address: int, mask: int) -> ProcessInfo | None:
+        """The listed process whose EPROCESS is at ``address`` (compared under ``mask``, the
+        kernel layer's address mask), or None."""
+        if self._by_address is None:
+            self._by_address = {}
+            for info in self._listed():
+                self._by_address.setdefault(info.offset & mask, info)
+        return self._by_address.get(address & mask)
 
     def _copies_index(self) -> dict[ImageKey, list[str]]:
         """(base, path) -> process layers mapping that image, over every listed process."""
         if self._copies is None:
             self._copies = {}
-            processes = memory.bounded(self._all_processes(), MAX_PROCESSES)
-            for proc in processes:
-                info = self.process_info(proc)
+            for info in self._listed():
                 if info.layer_name is None:
                     continue
                 for module in info.modules:
@@ -129,27 +171,38 @@ class ImageCatalog:
         return self._copies
 
     def _layers_for(self, module: symbolizer.LoadedModule, preferred: str | None):
-        """The preferred layer first, then every other process's copy of the same image."""
+        """The preferred layer first, then up to MAX_COPIES_TRIED other processes' copies of
+        the same image."""
         if preferred is not None:
             yield preferred
-        for layer_name in self._copies_index().get(module.cache_key, []):
-            if layer_name != preferred:
-                yield layer_name
+        others = [n for n in self._copies_index().get(module.cache_key, []) if n != preferred]
+        yield from others[:MAX_COPIES_TRIED]
+
+    def exports_read(
+        self, module: symbolizer.LoadedModule, preferred_layer: str | None
+    ) -> pe_exports.ExportsRead:
+        """Export table of ``module`` (parsed once per (base, path)) from the first copy that
+        parses; else INVALID if any copy was read but corrupt, else UNREADABLE."""
+        key = module.cache_key
+        if key not in self._exports:
+            result = pe_exports.ExportsRead(None, pe_exports.UNREADABLE)
+            for layer_name in self._layers_for(module, preferred_layer):
+                attempt = pe_exports.read_module_exports(self._context, layer_name, module.base)
+                if attempt.exports is not None:
+                    result = attempt
+                    break
+                if attempt.problem == pe_exports.INVALID:
+                    result = attempt
+            if len(self._exports) >= MAX_CACHED_IMAGES:
+                del self._exports[next(iter(self._exports))]
+            self._exports[key] = result
+        return self._exports[key]
 
     def exports(
         self, module: symbolizer.LoadedModule, preferred_layer: str | None
     ) -> pe_exports.ModuleExports | None:
-        """Export table of ``module`` (parsed once per (base, path)), or None if no process's
-        copy of its export directory is readable."""
-        key = module.cache_key
-        if key not in self._exports:
-            parsed = None
-            for layer_name in self._layers_for(module, preferred_layer):
-                parsed = pe_exports.read_module_exports(self._context, layer_name, module.base)
-                if parsed is not None:
-                    break
-            self._exports[key] = parsed
-        return self._exports[key]
+        """Export table of ``module``, or None if no copy is readable and valid."""
+        return self.exports_read(module, preferred_layer).exports
 
     def _pdata(self, module: symbolizer.LoadedModule, preferred: str | None) -> bytes | None:
         for layer_name in self._layers_for(module, preferred):
@@ -161,7 +214,9 @@ class ImageCatalog:
     def ntdll_facts(
         self, module: symbolizer.LoadedModule | None, layer_name: str | None
     ) -> ntdll_exports.NtdllFacts:
-        """Facts for the ntdll image ``module`` (once per (base, path)).
+        """Facts for the ntdll image ``module`` (once per (base, path, size): the size bounds
+        the kernel's dispatcher check, so a process whose loader entry lies about it cannot
+        change another process's facts).
 
         With no module, the boot's ntdll as found in the first process that lists one is used,
         and failing that only the kernel's dispatcher address is known.
@@ -170,28 +225,29 @@ class ImageCatalog:
             layer_name, module = self._boot_ntdll()
         if module is None:
             return ntdll_exports.build_facts(None, 0, None, None, self.facts.dispatcher)
-        key = module.cache_key
+        key = (*module.cache_key, module.size)
         if key not in self._ntdll:
-            exports = self.exports(module, layer_name)
+            read = self.exports_read(module, layer_name)
             pdata = self._pdata(module, layer_name)
             facts = ntdll_exports.build_facts(
-                module.base, module.size, exports, pdata, self.facts.dispatcher
+                module.base, module.size, read.exports, pdata, self.facts.dispatcher, read.problem
             )
             vollog.debug(
-                f"ntdll {module.path} at {module.base:#x}: exports "
-                f"{'read' if exports is not None else 'unreadable'}, .pdata "
+                f"ntdll {module.path!r} at {module.base:#x}: exports "
+                f"{read.problem or 'read'}, .pdata "
                 f"{'read' if pdata is not None else 'absent'}, KiUserCallbackDispatcher "
                 f"{facts.dispatcher and hex(facts.dispatcher)} range "
                 f"{facts.dispatcher_range and tuple(map(hex, facts.dispatcher_range))}"
             )
+            if len(self._ntdll) >= MAX_CACHED_IMAGES:
+                del self._ntdll[next(iter(self._ntdll))]
             self._ntdll[key] = facts
         return self._ntdll[key]
 
     def _boot_ntdll(self) -> tuple[str | None, symbolizer.LoadedModule | None]:
         if self._image_ntdll is None:
             self._image_ntdll = (None, None)
-            for proc in memory.bounded(self._all_processes(), MAX_PROCESSES):
-                info = self.process_info(proc)
+            for info in self._listed():
                 if info.ntdll is not None:
                     self._image_ntdll = (info.layer_name, info.ntdll)
                     break

@@ -1,4 +1,9 @@
-"""The Reason and Notes texts of docs/output-contract.md, and which threads a mode lists."""
+"""The Reason and Notes texts of docs/output-contract.md, and which threads a mode lists.
+
+Notes say what the analysis could not establish: ``unreadable: X`` when memory could not be read
+(paged out, never captured, truncated image), ``invalid: X`` when it was read but cannot be
+true (inverted stack bounds, a null or out-of-range table index, a corrupt export directory).
+"""
 
 from collections.abc import Iterable
 
@@ -26,6 +31,20 @@ UNREADABLE_ORDER = (
     UNREADABLE_KERNEL_STACK,
 )
 
+# What an "invalid: X" note may name, in the order notes are emitted.
+INVALID_STACK_BOUNDS = "TEB stack bounds"
+INVALID_RSP = "Rsp outside the TEB stack"
+INVALID_CALLBACK_TABLE = "KernelCallbackTable"
+INVALID_API_NUMBER = "ApiNumber"
+INVALID_NTDLL_EXPORTS = "ntdll exports"
+INVALID_ORDER = (
+    INVALID_STACK_BOUNDS,
+    INVALID_RSP,
+    INVALID_CALLBACK_TABLE,
+    INVALID_API_NUMBER,
+    INVALID_NTDLL_EXPORTS,
+)
+
 
 def is_in_callback(nesting_level: int | None, frames_found: int) -> bool:
     """``in-callback``: CallbackNestingLevel > 0 or at least one callback frame was found."""
@@ -43,12 +62,29 @@ def thread_reason(at_return: bool, in_callback: bool) -> str:
     return NONE
 
 
-def unreadable_notes(unreadable: Iterable[str]) -> list:
+def _ordered_notes(prefix: str, items: Iterable[str], order: tuple[str, ...]) -> list[str]:
+    wanted = set(items)
+    ordered = [item for item in order if item in wanted]
+    ordered += sorted(wanted.difference(order))
+    return [f"{prefix}: {item}" for item in ordered]
+
+
+def unreadable_notes(unreadable: Iterable[str]) -> list[str]:
     """``unreadable: X`` notes in contract order, each at most once."""
-    wanted = set(unreadable)
-    ordered = [item for item in UNREADABLE_ORDER if item in wanted]
-    ordered += sorted(wanted.difference(UNREADABLE_ORDER))
-    return [f"unreadable: {item}" for item in ordered]
+    return _ordered_notes("unreadable", unreadable, UNREADABLE_ORDER)
+
+
+def invalid_notes(invalid: Iterable[str]) -> list[str]:
+    """``invalid: X`` notes in contract order, each at most once."""
+    return _ordered_notes("invalid", invalid, INVALID_ORDER)
+
+
+def foreign_thread_note(owner_pid: int | None, owner_address: int) -> str:
+    """The note of a thread found in one process's thread list whose KTHREAD.Process names
+    another process (the owner's PID when that process is listed, else its address)."""
+    if owner_pid is not None:
+        return f"mismatch: KTHREAD.Process is PID {owner_pid}"
+    return f"mismatch: KTHREAD.Process {owner_address:#x} is not a listed process"
 
 
 def thread_notes(
@@ -56,9 +92,11 @@ def thread_notes(
     frames_found: int,
     nesting_level: int | None,
     unreadable: Iterable[str],
+    invalid: Iterable[str] = (),
+    foreign: str | None = None,
 ) -> str:
     """The thread row's Notes: facts joined with ``; `` in contract order, or ``""``."""
-    notes = []
+    notes = [foreign] if foreign else []
     if not user_trap_frame:
         notes.append(NO_USER_TRAP_FRAME)
     if nesting_level is not None and frames_found != nesting_level:
@@ -66,12 +104,13 @@ def thread_notes(
             f"callback frames found: {frames_found}, CallbackNestingLevel: {nesting_level}"
         )
     notes.extend(unreadable_notes(unreadable))
+    notes.extend(invalid_notes(invalid))
     return NOTE_SEPARATOR.join(notes)
 
 
-def callback_notes(unreadable: Iterable[str]) -> str:
-    """A callback row's Notes: only ``unreadable: X`` facts about that level."""
-    return NOTE_SEPARATOR.join(unreadable_notes(unreadable))
+def callback_notes(unreadable: Iterable[str], invalid: Iterable[str] = ()) -> str:
+    """A callback row's Notes: ``unreadable: X`` then ``invalid: X`` facts about that level."""
+    return NOTE_SEPARATOR.join(unreadable_notes(unreadable) + invalid_notes(invalid))
 
 
 def is_listed(reason: str, all_threads: bool, at_return_only: bool) -> bool:

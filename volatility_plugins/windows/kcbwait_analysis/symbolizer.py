@@ -1,7 +1,8 @@
 """Turns user-mode addresses into ``module!export+0xNN`` names (docs/output-contract.md).
 
 Modules come from the process's own 64-bit PEB loader list (InLoadOrderModuleList); the module
-name is the loader entry's BaseDllName exactly as stored.  For a WoW64 process only the 64-bit
+name is the loader entry's BaseDllName exactly as stored (UTF-16, unpaired surrogates kept; the
+renderers escape what a terminal must not see, see text.py).  For a WoW64 process only the 64-bit
 PEB is walked: the analysis covers the 64-bit side, where system calls and callbacks happen.
 """
 
@@ -10,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from volatility3.framework import constants, exceptions, interfaces
-from volatility3.plugins.windows.kcbwait_analysis import pe_exports
+from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports, text
 
 # docs/output-contract.md: "+0xNN" only when the nearest export is less than 0x100 bytes below.
 EXPORT_DISTANCE_LIMIT = 0x100
@@ -87,19 +88,25 @@ class Symbolizer:
         return format_symbol(module, self._exports_provider(module), address)
 
 
-def _unicode_string(entry_field) -> str | None:
-    """Reads a UNICODE_STRING, refusing absurd lengths."""
-    if entry_field.Length > MAX_NAME_BYTES or entry_field.Length == 0:
+def _unicode_string(context: interfaces.context.ContextInterface, entry_field) -> str | None:
+    """Reads a UNICODE_STRING exactly (every UTF-16 unit of Length bytes), refusing absurd
+    lengths; None when empty or unreadable."""
+    length = int(entry_field.Length)
+    if length > MAX_NAME_BYTES or length == 0:
         return None
-    return str(entry_field.get_string())
+    data = memory.read_bytes(context, entry_field.vol.layer_name, int(entry_field.Buffer), length)
+    if data is None:
+        return None
+    return text.utf16(data)
 
 
 def process_modules(
     context: interfaces.context.ContextInterface,
     kernel_table_name: str,
     peb: interfaces.objects.ObjectInterface,
+    limit: int = MAX_LOADER_ENTRIES,
 ) -> tuple[list[LoadedModule], bool]:
-    """Walks the 64-bit PEB's InLoadOrderModuleList.
+    """Walks the 64-bit PEB's InLoadOrderModuleList, at most ``limit`` entries.
 
     Returns (modules, complete); ``complete`` is False when the list could not be read to its
     end (entries read before the failure are still returned).
@@ -109,12 +116,12 @@ def process_modules(
     try:
         ldr = peb.Ldr.dereference()
         entries = ldr.InLoadOrderModuleList.to_list(entry_type, "InLoadOrderLinks")
-        for entry in itertools.islice(entries, MAX_LOADER_ENTRIES):
+        for entry in itertools.islice(entries, max(0, limit)):
             try:
                 base = int(entry.DllBase)
                 size = int(entry.SizeOfImage)
-                name = _unicode_string(entry.BaseDllName)
-                path = _unicode_string(entry.FullDllName) or name
+                name = _unicode_string(context, entry.BaseDllName)
+                path = _unicode_string(context, entry.FullDllName) or name
             except exceptions.InvalidAddressException:
                 continue
             if not base or not name:

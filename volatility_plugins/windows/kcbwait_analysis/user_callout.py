@@ -23,7 +23,7 @@ user Rsp.
 import struct
 from dataclasses import dataclass
 
-from volatility3.plugins.windows.kcbwait_analysis import memory
+from volatility3.plugins.windows.kcbwait_analysis import memory, reason
 
 UCALLOUT_FRAME_SIZE = 0x58
 OFFSET_BUFFER = 0x20
@@ -49,6 +49,11 @@ TOTAL_WINDOW = 0x100000
 MAX_SCAN_PAGES = 0x200
 # KeUserModeCallback fails beyond 31 nested callbacks (STATUS_STACK_OVERFLOW).
 MAX_LEVELS = 32
+# x64 user space ends below 0x8000'00000000 (128 TiB): a stack bound above it is corrupt.
+USER_SPACE_END = 0x800000000000
+# Largest user stack a TEB may describe: Windows reserves 1 MiB by default and a linker option
+# can ask for more, but a 1 GiB span is corrupt, not a stack.
+MAX_STACK_SPAN = 0x40000000
 
 _QWORD = struct.Struct("<Q")
 
@@ -201,11 +206,29 @@ def scan_callout_frames(
     return ScanResult(tuple(found), reader.unreadable and bounds.from_teb)
 
 
+def teb_limits_valid(teb_limits: tuple[int, int]) -> bool:
+    """StackLimit < StackBase, both in user space, at most MAX_STACK_SPAN apart."""
+    limit, base = teb_limits
+    return 0 < limit < base <= USER_SPACE_END and base - limit <= MAX_STACK_SPAN
+
+
+def teb_limits_problem(start_rsp: int, teb_limits: tuple[int, int] | None) -> str | None:
+    """Why the TEB's limits cannot bound the scan (an ``invalid: X`` item), or None when they
+    can or were not read at all (that is ``unreadable: TEB``)."""
+    if teb_limits is None:
+        return None
+    if not teb_limits_valid(teb_limits):
+        return reason.INVALID_STACK_BOUNDS
+    limit, base = teb_limits
+    if not limit <= start_rsp < base:
+        return reason.INVALID_RSP
+    return None
+
+
 def stack_bounds(start_rsp: int, teb_limits: tuple[int, int] | None) -> StackBounds:
-    """Bounds for scanning: the TEB's [StackLimit, StackBase) when it contains ``start_rsp``,
-    else a TOTAL_WINDOW span above ``start_rsp``."""
-    if teb_limits is not None:
+    """Bounds for scanning: the TEB's [StackLimit, StackBase) when they are valid and contain
+    ``start_rsp``, else a TOTAL_WINDOW span above ``start_rsp``."""
+    if teb_limits is not None and teb_limits_problem(start_rsp, teb_limits) is None:
         limit, base = teb_limits
-        if limit <= start_rsp < base:
-            return StackBounds(limit, base, True)
+        return StackBounds(limit, base, True)
     return StackBounds(start_rsp, start_rsp + TOTAL_WINDOW, False)

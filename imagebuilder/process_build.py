@@ -1,0 +1,371 @@
+"""One user process of a scenario: address space, modules, PEB, threads, EPROCESS and truth.
+
+Called by build.ImageBuilder, whose per-image state (kernel, module images, ntdll facts, region
+map) it shares through ``ImageContext``.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagebuilder import damage, executive, truth
+from imagebuilder.expectation import HandlerLookup, ImageFacts, ThreadExpectation, thread_record
+from imagebuilder.kernel_layout import Kernel
+from imagebuilder.process_layout import (
+    FILETIME_2024,
+    HEAP_ADDRESS,
+    HEAP_SIZE,
+    PEB_ADDRESS,
+    PRIVATE_MEMORY,
+    STACKS_ADDRESS,
+    TEB_STRIDE,
+    USER_STACK_RESERVE,
+    WOW64_PEB32,
+    ModuleMapper,
+    ProcessLayout,
+    Vad,
+    write_loader_data,
+    write_vad_tree,
+)
+from imagebuilder.regions import RegionMap
+from imagebuilder.scenario import Process, Thread
+from imagebuilder.thread_layout import lay_out_kernel_thread, lay_out_user_thread
+from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
+
+STATE_WAITING, STATE_TERMINATED = "Waiting", "Terminated"
+
+
+@dataclass
+class ImageContext:
+    """What every process of one image shares."""
+
+    kernel: Kernel
+    mapper: ModuleMapper
+    rng: random.Random
+    ntdll: ModuleImage
+    win32u: ModuleImage
+    user32: ModuleImage
+    ntdll_view: ModuleImage  # ntdll with only the exports the plugin can use (symbols)
+    facts: ImageFacts
+    regions: RegionMap
+    dispatcher_return: int
+    dispatcher_range: tuple[int, int]
+    exe: Any  # name -> ModuleImage
+    module: Any  # name -> ModuleImage
+    sequence: int = 0
+    spaces: list = field(default_factory=list)
+
+
+@dataclass
+class BuiltProcess:
+    pid: int
+    eprocess: int
+    ethreads: dict[int, int]  # tid -> ETHREAD
+    records: list[dict[str, Any]]
+    inventory: dict[str, Any]
+
+
+def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
+    k = ctx.kernel
+    space = k.new_process_space()
+    ctx.spaces.append(space)
+    eproc = k.pool_object("_EPROCESS", b"Proc")
+    modules = [ctx.module(name) for name in proc.modules]
+    layout = ProcessLayout(
+        proc.pid, proc.name, eproc, space, PEB_ADDRESS, modules, ctx.exe(proc.name)
+    )
+    for module in [layout.exe, *modules]:
+        ctx.mapper.map(space, module, private_data=module is ctx.user32)
+        layout.vads.append(Vad(module.base, module.base + module.size - 1, module))
+    if "ntdll_exports" in proc.page_out:
+        start, size = ctx.ntdll.export_dir
+        for page in range(start & ~0xFFF, start + size, 0x1000):
+            space.page_out(ctx.ntdll.base + page)
+    # Loader heap, PEB + TEBs, stacks: private memory.
+    layout.vads.append(Vad(HEAP_ADDRESS, HEAP_ADDRESS + HEAP_SIZE - 1))
+    teb_region = PEB_ADDRESS + 0x1000 + TEB_STRIDE * len(proc.threads)
+    layout.vads.append(Vad(PEB_ADDRESS, teb_region - 1))
+    table = 0
+    if ctx.user32 in modules:
+        table = ctx.user32.base + ctx.user32.extras["callback_table"]
+        for api, target in proc.callback_overrides.items():
+            handler = _override_target(layout, target)
+            space.write(table + 8 * api, struct.pack("<Q", handler))
+    if any(t == "private" for t in proc.callback_overrides.values()):
+        layout.vads.append(Vad(PRIVATE_MEMORY, PRIVATE_MEMORY + 0xFFFF))
+    layout.callback_table = damage.callback_table_value(
+        proc.damage.kernel_callback_table, table, space
+    )
+    ldr = write_loader_data(k, layout)
+    k.writer.put(
+        space,
+        PEB_ADDRESS,
+        "_PEB",
+        {
+            "Ldr": ldr,
+            "ImageBaseAddress": layout.exe.base,
+            "KernelCallbackTable": layout.callback_table,
+            "NumberOfProcessors": 2,
+            "OSMajorVersion": 10,
+            "OSBuildNumber": k.build & 0xFFFF,
+        },
+        optional=True,
+    )
+    wow64 = 0
+    if proc.wow64:
+        wow64 = WOW64_PEB32
+        space.write(WOW64_PEB32, bytes(0x480))
+        layout.vads.append(Vad(WOW64_PEB32, WOW64_PEB32 + 0xFFF))
+    all_modules = [layout.exe, *modules]
+    symbol_modules = [ctx.ntdll_view if m is ctx.ntdll else m for m in all_modules]
+    handler = damage.handler_lookup(space, layout.callback_table)
+    ethreads: dict[int, int] = {}
+    records, thread_inventory = [], []
+    start = ctx.ntdll.address("RtlUserThreadStart")
+    for index, thread in enumerate(proc.threads):
+        ethread = k.pool_object("_ETHREAD", b"Thre")
+        teb = PEB_ADDRESS + 0x1000 + TEB_STRIDE * index
+        stack_base = STACKS_ADDRESS + USER_STACK_RESERVE * (index + 1)
+        stack_start = k.stack_cursor
+        if thread.kind == "user":
+            layout.vads.append(Vad(stack_base - USER_STACK_RESERVE, stack_base - 1))
+            record, stack, state, wait_reason, exit_time = _user_thread(
+                ctx, layout, proc, thread, teb, stack_base, symbol_modules, handler
+            )
+        else:
+            record, stack, state, wait_reason, exit_time = _kernel_only_thread(
+                ctx, layout, proc, thread, teb, symbol_modules
+            )
+        ctx.regions.add_virtual(
+            ("thread", proc.pid, thread.tid), k.space, stack_start, k.stack_cursor - stack_start
+        )
+        ctx.sequence += 1
+        executive.write_ethread(
+            k,
+            ethread,
+            sequence=ctx.sequence,
+            eproc=eproc,
+            pid=proc.pid,
+            tid=thread.tid,
+            state=state,
+            wait_reason=wait_reason,
+            stack=stack,
+            teb=teb,
+            start=start,
+            user=thread.kind == "user",
+            exit_time=exit_time,
+        )
+        executive.record_ethread(ctx.regions, k, ethread, proc.pid, thread.tid)
+        ethreads[thread.tid] = ethread
+        thread_inventory.append({"tid": thread.tid, "start": start})
+        records.append(record)
+    root = write_vad_tree(k, ctx.mapper, layout)
+    ordered = [ethreads[t.tid] for t in proc.threads]
+    ewow = executive.write_eprocess(
+        k,
+        eproc,
+        pid=proc.pid,
+        ppid=proc.ppid,
+        name=proc.name,
+        dtb=space.pml4,
+        peb=PEB_ADDRESS,
+        create_time=FILETIME_2024 + 10_000_000 * 30,
+        threads=ordered,
+        wow64=wow64,
+    )
+    k.writer.put(k.space, eproc, "_EPROCESS", {"VadRoot.Root": root}, optional=True)
+    executive.record_eprocess(ctx.regions, k, eproc, proc.pid, ewow)
+    _record_process_memory(ctx, proc, layout)
+    if proc.damage.thread_list is not None:
+        damage.redirect_thread_link(k, proc.damage.thread_list, ethreads, eproc)
+        order = damage.thread_list_order(
+            len(records),
+            proc.damage.thread_list,
+            {t.tid: i for i, t in enumerate(proc.threads)},
+        )
+        records = [records[i] for i in order]
+    return BuiltProcess(
+        proc.pid, eproc, ethreads, records, _inventory(proc, layout, all_modules, thread_inventory)
+    )
+
+
+def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayout) -> None:
+    """What the plugin reads for every thread of the process besides the EPROCESS."""
+    owner = ("process", proc.pid)
+    sym, space, regions = ctx.kernel.symbols, layout.space, ctx.regions
+    regions.add_virtual(owner, space, PEB_ADDRESS, sym.size("_PEB"))
+    regions.add_virtual(owner, space, HEAP_ADDRESS, layout.heap_next - HEAP_ADDRESS)
+    for module in [layout.exe, *layout.modules]:
+        regions.add_virtual(owner, space, module.base, 0x1000)  # headers
+        rva, size = module.export_dir
+        regions.add_virtual(owner, space, module.base + rva, size)
+        rva, size = module.pdata
+        regions.add_virtual(owner, space, module.base + rva, size)
+    if layout.callback_table and space.is_mapped(layout.callback_table):
+        table_rva, table_size = ctx.user32.data_section
+        regions.add_virtual(owner, space, ctx.user32.base + table_rva, table_size)
+
+
+def _override_target(layout: ProcessLayout, target: str) -> int:
+    if target == "private":
+        handler = layout.private_next
+        layout.space.write(handler, b"\x48\x83\xec\x48\xcc")
+        layout.private_next += 0x100
+        return handler
+    module = layout.module_named(target)
+    assert module is not None
+    return module.base + module.extras.get("payload", 0x1000)
+
+
+def _syscall_rip(ctx: ImageContext, name: str) -> int:
+    module = ctx.win32u if name in WIN32U_SYSCALLS else ctx.ntdll
+    if name == "ZwCallbackReturn" and name not in module.exports:
+        name = "NtCallbackReturn"
+    return module.address(name) + SYSCALL_RETURN
+
+
+def _kernel_only_thread(
+    ctx: ImageContext,
+    layout: ProcessLayout,
+    proc: Process,
+    thread: Thread,
+    teb: int,
+    modules: list[ModuleImage],
+):
+    """A system or terminated thread of a user process: one kernel stack, no trap frame."""
+    k = ctx.kernel
+    stack = lay_out_kernel_thread(k)
+    state = STATE_TERMINATED if thread.kind == "terminated" else STATE_WAITING
+    exit_time = FILETIME_2024 + 10_000_000 * 3600 if thread.kind == "terminated" else 0
+    wait_reason = "WrTerminated" if thread.kind == "terminated" else thread.wait_reason
+    k.writer.put(
+        layout.space,
+        teb,
+        "_TEB",
+        {
+            "NtTib.Self": teb,
+            "ProcessEnvironmentBlock": PEB_ADDRESS,
+            "ClientId.UniqueProcess": proc.pid,
+            "ClientId.UniqueThread": thread.tid,
+        },
+        optional=True,
+    )
+    record = truth.thread_record(
+        pid=proc.pid,
+        tid=thread.tid,
+        process=proc.name,
+        wow64=proc.wow64,
+        state=state,
+        wait_reason=wait_reason,
+        nesting=0,
+        rip=None,
+        rsp=None,
+        modules=modules,
+        stub=ctx.facts.stub or (0, 0),
+        frames=[],
+        notes="no user-mode trap frame",
+    )
+    return record, stack, state, wait_reason, exit_time
+
+
+def _user_thread(
+    ctx: ImageContext,
+    layout: ProcessLayout,
+    proc: Process,
+    thread: Thread,
+    teb: int,
+    stack_base: int,
+    modules: list[ModuleImage],
+    handler: HandlerLookup,
+):
+    k = ctx.kernel
+    space = layout.space
+    table = layout.callback_table
+    calls = []
+    for cb in thread.callbacks:
+        value = 0
+        if table and space.is_mapped(table + 8 * cb.api):
+            value = struct.unpack("<Q", space.read(table + 8 * cb.api, 8))[0]
+        calls.append((cb.api, value, cb.length))
+    rips = [_syscall_rip(ctx, cb.syscall) for cb in thread.callbacks]
+    rips.append(_syscall_rip(ctx, thread.wait))
+    caller = layout.exe.base + 0x1000 + 0x10
+    facts, stack = lay_out_user_thread(
+        k,
+        space,
+        ctx.rng,
+        stack_base=stack_base,
+        syscall_rips=rips,
+        caller_return=caller,
+        calls=calls,
+        dispatcher_return=ctx.dispatcher_return,
+        dispatcher_range=ctx.dispatcher_range,
+    )
+    k.writer.put(
+        space,
+        teb,
+        "_TEB",
+        {
+            "NtTib.StackBase": facts.stack_base,
+            "NtTib.StackLimit": facts.stack_limit,
+            "NtTib.Self": teb,
+            "ProcessEnvironmentBlock": PEB_ADDRESS,
+            "ClientId.UniqueProcess": proc.pid,
+            "ClientId.UniqueThread": thread.tid,
+        },
+        optional=True,
+    )
+    owner = ("thread", proc.pid, thread.tid)
+    ctx.regions.add_virtual(owner, space, teb, k.symbols.size("_TEB"))
+    ctx.regions.add_virtual(owner, space, facts.stack_limit, facts.stack_base - facts.stack_limit)
+    for cb in thread.callbacks:
+        if table:
+            ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
+    exp = ThreadExpectation(
+        pid=proc.pid,
+        tid=thread.tid,
+        process=proc.name,
+        wow64=proc.wow64,
+        state=STATE_WAITING,
+        wait_reason=thread.wait_reason,
+        nesting=len(calls),
+        rip=facts.rip,
+        rsp=facts.rsp,
+        frames=list(facts.frames),
+    )
+    damage.apply_thread_damage(
+        thread.damage, kernel=k, space=space, teb=teb, facts=facts, kthread=stack, exp=exp
+    )
+    record = thread_record(exp, ctx.facts, modules, handler)
+    return record, stack, STATE_WAITING, thread.wait_reason, 0
+
+
+def _inventory(
+    proc: Process, layout: ProcessLayout, all_modules: list[ModuleImage], threads: list
+) -> dict[str, Any]:
+    """What the stock plugins must list for the process (truth file ``processes``)."""
+    return {
+        "pid": proc.pid,
+        "ppid": proc.ppid,
+        "name": proc.name,
+        "wow64": proc.wow64,
+        "threads": threads,
+        "modules": [
+            {
+                "name": m.name,
+                "path": f"C:{m.path}",
+                "base": m.base,
+                "size": m.size,
+                "init_order": m is not layout.exe,
+            }
+            for m in all_modules
+        ],
+        "vads": [
+            {"start": v.start, "end": v.end, "file": v.module.path if v.module else None}
+            for v in sorted(layout.vads, key=lambda v: v.start)
+        ],
+        "exports": {m.name: {n: m.base + r for n, r in m.exports.items()} for m in all_modules},
+    }
