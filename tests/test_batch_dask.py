@@ -1,17 +1,13 @@
 """kcbwait-batch on a real Dask cluster: same output as local mode, same isolation.
 
 The test starts its own cluster on loopback (``dask scheduler`` and two ``dask worker``
-processes with one thread each, as separate processes), runs the batch of test_batch.py
-through it with ``--scheduler``, and always tears the cluster down.
+processes with one thread each, as separate processes, through
+kcbwait_batch.loopback_cluster), runs the batch of test_batch.py through it with
+``--scheduler``, and always tears the cluster down.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from kcbwait_batch import records
+from kcbwait_batch.loopback_cluster import LoopbackCluster
 from tests.test_batch import (
-    ROOT,
     batch,
     by_image,
     common_args,
@@ -34,91 +30,19 @@ distributed = pytest.importorskip(
 )
 
 WORKERS = 2
-START_TIMEOUT = 90.0
 # Fault injection in the workers' analysis processes, for images named on purpose only.
 WORKER_FAULTS = "hang:hang-me,crash:crash-me"
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to each process group, then SIGKILL what is left."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[dict]:
+def cluster(tmp_path_factory) -> Iterator[LoopbackCluster]:
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, torn down after."""
     work = tmp_path_factory.mktemp("dask-cluster")
-    scheduler_file = work / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KCBWAIT_BATCH_FAULT": WORKER_FAULTS}
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> None:
-        log = open(work / f"{name}.log", "w")  # noqa: SIM115 - owned by the process
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "dask", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=work,
-                start_new_session=True,  # its own process group: torn down as a whole
-            )
-        )
-
-    try:
-        start(
-            "scheduler",
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-dashboard",
-            "--scheduler-file",
-            str(scheduler_file),
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        address = None
-        while address is None:
-            assert time.monotonic() < deadline, (work / "scheduler.log").read_text()
-            assert procs[0].poll() is None, (work / "scheduler.log").read_text()
-            try:
-                address = json.loads(scheduler_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.2)
-        assert address.startswith("tcp://127.0.0.1:")
-        for n in range(1, WORKERS + 1):
-            start(
-                f"worker{n}",
-                "worker",
-                address,
-                "--name",
-                f"worker{n}",
-                "--nthreads",
-                "1",
-                "--host",
-                "127.0.0.1",
-                "--no-dashboard",
-                "--memory-limit",
-                "0",
-                "--local-directory",
-                str(work / f"worker{n}"),
-            )
-        with distributed.Client(address, timeout="30s") as client:
-            client.wait_for_workers(WORKERS, timeout=START_TIMEOUT)
-            workers = sorted(client.scheduler_info()["workers"])
-        yield {"address": address, "workers": workers, "logs": work}
-    finally:
-        _stop(procs[1:])
-        _stop(procs[:1])
+    with LoopbackCluster(WORKERS, 1, {"KCBWAIT_BATCH_FAULT": WORKER_FAULTS}, work) as running:
+        assert running.address.startswith("tcp://127.0.0.1:")
+        processes = list(running._procs)
+        yield running
+    assert all(proc.poll() is not None for proc in processes), "cluster left running"
 
 
 @pytest.fixture(scope="module")
@@ -144,14 +68,14 @@ def test_dask_output_is_identical_to_local(cluster, batch_dir, local_run, tmp_pa
         str(out),
         "--hash",
         "--scheduler",
-        cluster["address"],
+        cluster.address,
     )
     assert result.returncode == local_result.returncode == 1, result.stderr
     assert f"{WORKERS} workers, {WORKERS} threads" in result.stderr
     output = read_jsonl(out)
     assert comparable(output) == comparable(read_jsonl(local_out))
     workers = {r["run"]["worker"] for r in output if r["record"] == records.IMAGE}
-    assert workers <= set(cluster["workers"])
+    assert workers <= set(cluster.worker_addresses)
 
 
 def test_dask_isolates_hangs_and_crashes(cluster, batch_dir, tmp_path):
@@ -178,7 +102,7 @@ def test_dask_isolates_hangs_and_crashes(cluster, batch_dir, tmp_path):
         "--timeout",
         "4",
         "--scheduler",
-        cluster["address"],
+        cluster.address,
     )
     assert time.monotonic() - started < 90
     assert result.returncode == 1, result.stderr
@@ -189,7 +113,7 @@ def test_dask_isolates_hangs_and_crashes(cluster, batch_dir, tmp_path):
     assert found["fine.raw"]["status"]["status"] == records.OK
     assert found["fine.raw"]["threads"]
     # The workers survived: the cluster still has both.
-    with distributed.Client(cluster["address"], timeout="30s") as client:
+    with distributed.Client(cluster.address, timeout="30s") as client:
         assert len(client.scheduler_info()["workers"]) == WORKERS
 
 
