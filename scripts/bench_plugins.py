@@ -228,6 +228,15 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         analysis_child(*sys.argv[2:6])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--build":
+        sizes, shares, profile, out = json.loads(sys.argv[2])
+        images, symbols = build_images(sizes, shares, profile, Path(out))
+        print(
+            json.dumps(
+                {"images": [{**i, "raw": str(i["raw"])} for i in images], "symbols": str(symbols)}
+            )
+        )
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.2])
@@ -239,7 +248,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "cache"
     cache.mkdir(exist_ok=True)
-    images, symbols = build_images(args.threads, args.shares, args.profile, args.out)
+    # Images are built in a child process: a forked child's peak RSS includes what its parent
+    # held at fork time, so the measuring parent must stay small.
+    built = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--build",
+            json.dumps([args.threads, args.shares, args.profile, str(args.out)]),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    listing = json.loads(built.strip().splitlines()[-1])
+    images = [{**i, "raw": Path(i["raw"])} for i in listing["images"]]
+    symbols = Path(listing["symbols"])
     # One untimed run fills Volatility's symbol identifier cache.
     run_measured(vol_command(images[0]["raw"], PLUGINS["threads"], symbols, cache))
     results = measure(images, symbols, args.plugins, args.runs, cache)
