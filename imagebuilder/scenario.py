@@ -131,6 +131,13 @@ def _scenario(data: Any) -> Scenario:
         damage = parse_scenario_damage(
             obj["damage"], f"{where}.damage", [p.pid for p in processes], threads_of
         )
+        for index, foreign in enumerate(damage.foreign_threads):
+            target = next(p for p in processes if p.pid == foreign.into)
+            if target.damage.thread_list is not None:
+                raise ScenarioError(
+                    f"{where}.damage.foreign_threads[{index}].into: process {foreign.into} has"
+                    " a damaged thread list; a foreign thread goes into an intact one"
+                )
         scenario = Scenario(**{**scenario.__dict__, "damage": damage})
     return scenario
 

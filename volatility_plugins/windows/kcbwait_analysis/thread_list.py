@@ -111,11 +111,14 @@ class ThreadLister:
         flink, blink = _LIST_ENTRY.unpack(data)
         return flink & self._mask, blink & self._mask
 
-    def _is_thread(self, ethread: int) -> bool:
+    def _is_thread(self, ethread: int) -> bool | None:
+        """Whether the entry's dispatcher header says ThreadObject; None if unreadable."""
         if self._type_offset is None:
             return True
         data = memory.read_bytes(self._context, self._layer.name, ethread + self._type_offset, 1)
-        return data is not None and data[0] == THREAD_OBJECT_TYPE
+        if data is None:
+            return None
+        return data[0] == THREAD_OBJECT_TYPE
 
     def _walk(
         self, head: int, shape: ListShape, forward: bool, known: set[int]
@@ -137,8 +140,12 @@ class ThreadLister:
                 return found, STOP_CYCLE
             visited.add(entry)
             ethread = (entry - shape.entry_offset) & self._mask
-            if ethread not in known and not self._is_thread(ethread):
-                return found, STOP_NOT_THREAD
+            if ethread not in known:
+                is_thread = self._is_thread(ethread)
+                if is_thread is None:
+                    return found, STOP_UNREADABLE
+                if not is_thread:
+                    return found, STOP_NOT_THREAD
             found.append(ethread)
         return found, STOP_TOO_LONG
 
