@@ -129,6 +129,9 @@ def record_eprocess(
         ),
     ]
     regions.add_excluding(("process", pid), kernel.space, eproc, sym.size("_EPROCESS"), holes)
+    regions.add_target("eprocess", kernel.space, eproc, sym.size("_EPROCESS"))
+    for _owner, address, size in holes:
+        regions.add_target("list_link", kernel.space, address, size)
     if ewow:
         regions.add_virtual(("process", pid), kernel.space, ewow, sym.size("_EWOW64PROCESS"))
 
@@ -142,3 +145,6 @@ def record_ethread(regions: RegionMap, kernel: Kernel, ethread: int, pid: int, t
         (node, ethread + sym.offset("_KTHREAD", "ThreadListEntry"), 16),
     ]
     regions.add_excluding(("thread", pid, tid), kernel.space, ethread, sym.size("_ETHREAD"), holes)
+    regions.add_target("kthread", kernel.space, ethread, sym.size("_KTHREAD"))
+    for _owner, address, size in holes:
+        regions.add_target("list_link", kernel.space, address, size)

@@ -192,18 +192,38 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     )
 
 
+def _record_targets(ctx: ImageContext, space, teb: int, facts) -> None:
+    """The thread's structures by kind, for the fuzz harness to aim at."""
+    regions, k = ctx.regions, ctx.kernel
+    for label, address, size in facts.kernel_structures:
+        regions.add_target(label, k.space, address, size)
+    regions.add_target("teb", space, teb, 0x40)  # NT_TIB: StackBase/StackLimit
+    regions.add_target("user_rsp", space, facts.rsp, 0x40)
+    for frame in facts.frames:
+        regions.add_target("ucallout_frame", space, frame.frame - 8, 0x60)
+
+
 def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayout) -> None:
     """What the plugin reads for every thread of the process besides the EPROCESS."""
     owner = ("process", proc.pid)
     sym, space, regions = ctx.kernel.symbols, layout.space, ctx.regions
     regions.add_virtual(owner, space, PEB_ADDRESS, sym.size("_PEB"))
     regions.add_virtual(owner, space, HEAP_ADDRESS, layout.heap_next - HEAP_ADDRESS)
+    regions.add_target("peb", space, PEB_ADDRESS, sym.size("_PEB"))
+    regions.add_target("loader_data", space, HEAP_ADDRESS, layout.heap_next - HEAP_ADDRESS)
+    if proc.wow64:
+        regions.add_virtual(owner, space, WOW64_PEB32, 0x480)
     for module in [layout.exe, *layout.modules]:
         regions.add_virtual(owner, space, module.base, 0x1000)  # headers
         rva, size = module.export_dir
         regions.add_virtual(owner, space, module.base + rva, size)
         rva, size = module.pdata
         regions.add_virtual(owner, space, module.base + rva, size)
+        if module is ctx.ntdll:
+            regions.add_target("ntdll_headers", space, module.base, 0x400)
+            regions.add_target(
+                "ntdll_exports", space, module.base + module.export_dir[0], module.export_dir[1]
+            )
     if layout.callback_table and space.is_mapped(layout.callback_table):
         table_rva, table_size = ctx.user32.data_section
         regions.add_virtual(owner, space, ctx.user32.base + table_rva, table_size)
@@ -324,6 +344,7 @@ def _user_thread(
     for cb in thread.callbacks:
         if table:
             ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
+    _record_targets(ctx, space, teb, facts)
     exp = ThreadExpectation(
         pid=proc.pid,
         tid=thread.tid,

@@ -41,7 +41,13 @@ class RegionMap:
 
     ranges: dict[Owner, list[tuple[int, int]]] = field(default_factory=dict)
     process_dependents: dict[int, list[int]] = field(default_factory=dict)
+    # Labelled structures the fuzz harness aims at ("trap_frame", "ucallout_frame", ...):
+    # label -> physical ranges.  Owners say who a byte belongs to; targets say what it is.
+    targets: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # Virtual addresses of structures, for mutations that redirect a pointer to one of them.
+    pointers: list[int] = field(default_factory=list)
     _virtual: list[tuple[Owner, AddressSpace, int, int]] = field(default_factory=list)
+    _targets: list[tuple[str, AddressSpace, int, int]] = field(default_factory=list)
 
     def add_physical(self, owner: Owner, start: int, end: int) -> None:
         if end > start:
@@ -52,11 +58,26 @@ class RegionMap:
         if size > 0:
             self._virtual.append((owner, space, va, size))
 
+    def add_target(self, label: str, space: AddressSpace, va: int, size: int) -> None:
+        """A structure worth mutating, by what it is."""
+        if size > 0:
+            self._targets.append((label, space, va, size))
+            self.pointers.append(va)
+
     def resolve(self) -> None:
         """Translates every recorded virtual range (after all damage has been applied)."""
         for owner, space, va, size in self._virtual:
             self._translate(owner, space, va, size)
         self._virtual.clear()
+        for label, space, va, size in self._targets:
+            start = va
+            while start < va + size:
+                stop = min(va + size, (start & ~(PAGE - 1)) + PAGE)
+                physical = space.translate(start)
+                if physical is not None:
+                    self.targets.setdefault(label, []).append((physical, physical + (stop - start)))
+                start = stop
+        self._targets.clear()
 
     def _translate(self, owner: Owner, space: AddressSpace, va: int, size: int) -> None:
         """The bytes where mapped, and every page's table entries (a not-present PTE too:

@@ -46,6 +46,9 @@ class StackFacts:
     frames: tuple[FrameFact, ...]
     stack_base: int
     stack_limit: int
+    # (label, kernel address, size) of each kernel structure laid out: the fuzz harness aims
+    # its mutations at them (regions.RegionMap.targets).
+    kernel_structures: tuple[tuple[str, int, int], ...] = ()
 
 
 def lay_out_user_thread(
@@ -164,8 +167,19 @@ def lay_out_user_thread(
             },
             optional=True,
         )
+    structures = [("stack_control", s[2], control_size) for s in segments]
+    structures += [("trap_frame", s[3], trap_size) for s in segments]
+    structures += [("callout_frame", f, sym.size("_KEXCEPTION_FRAME")) for f in callout_frames]
     base, limit, initial, trap = segments[-1]
-    facts = StackFacts(trap, syscall_rips[-1], user_rsp[-1], tuple(frames), stack_base, stack_limit)
+    facts = StackFacts(
+        trap,
+        syscall_rips[-1],
+        user_rsp[-1],
+        tuple(frames),
+        stack_base,
+        stack_limit,
+        tuple(structures),
+    )
     kthread = {
         "InitialStack": initial,
         "StackBase": base,
