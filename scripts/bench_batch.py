@@ -97,6 +97,8 @@ def main() -> None:
                       "(not counted below)")
                 runs["Dask, loopback, 2 workers x 1 thread"] = run_batch(
                     "dask", images, symbols, work, "--scheduler", cluster.address)
+                down = time.perf_counter()
+            print(f"loopback Dask cluster stopped in {time.perf_counter() - down:.1f}s")
         reference = next(iter(runs.values()))["records"]
         assert all(r["records"] == reference for r in runs.values()), "outputs differ"
         print("\n| mode | wall s | images/minute | analysis s (sum) | threads reported |")
