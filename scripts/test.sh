@@ -4,5 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
-.venv/bin/ruff check volatility_plugins imagebuilder tests scripts
+.venv/bin/ruff check volatility_plugins imagebuilder kcbwait_batch tests scripts
 .venv/bin/python -m pytest -q "$@"
