@@ -175,7 +175,7 @@ def thread_list_order(count: int, damage: ThreadListDamage | None, index_of: dic
 
 
 def redirect_thread_link(
-    kernel: Kernel, damage: ThreadListDamage, ethreads: dict[int, int], eprocess: int
+    kernel: Kernel, damage: ThreadListDamage, ethreads: dict[int, int]
 ) -> None:
     """Rewrites the Flink of thread ``damage.at`` in the damaged ring(s)."""
     sym = kernel.symbols
@@ -190,9 +190,16 @@ def redirect_thread_link(
             target = ethreads[damage.to] + offset
         elif damage.kind == "unmapped":
             target = UNMAPPED_KERNEL
-        else:  # "not_thread": the EPROCESS, whose dispatcher header says ProcessObject
-            target = eprocess + offset
+        else:  # "not_thread": a zeroed block (Type 0, null links): passed over, then a dead end
+            target = _zeroed_block(kernel) + offset
         kernel.space.write(ethreads[damage.at] + offset, struct.pack("<Q", target))
+
+
+def _zeroed_block(kernel: Kernel) -> int:
+    """A pool block the size of an ETHREAD, all zero: not a thread, and its links lead to 0."""
+    block = kernel.pool_object("_ETHREAD", b"Fake")
+    kernel.space.write(block, bytes(kernel.symbols.size("_ETHREAD")))
+    return block
 
 
 def process_list_order(pids: list[int], damage: ProcessListDamage | None) -> list[int]:

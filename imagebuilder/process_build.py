@@ -180,7 +180,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     executive.record_eprocess(ctx.regions, k, eproc, proc.pid, ewow)
     _record_process_memory(ctx, proc, layout)
     if proc.damage.thread_list is not None:
-        damage.redirect_thread_link(k, proc.damage.thread_list, ethreads, eproc)
+        damage.redirect_thread_link(k, proc.damage.thread_list, ethreads)
         order = damage.thread_list_order(
             len(records),
             proc.damage.thread_list,

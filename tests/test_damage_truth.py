@@ -97,7 +97,9 @@ def test_list_damage_keeps_every_thread_and_warns(images, caplog):
     assert any("PID 7000" in w and "link back to an earlier entry" in w for w in warnings)
     assert any("PID 7100" in w and "KTHREAD list" in w for w in warnings)
     assert any("PID 7200" in w and "unreadable link" in w for w in warnings)
-    assert any("PID 7300" in w and "not a thread" in w for w in warnings)
+    assert any(
+        "PID 7300" in w and "passed over 1 entries that are not threads" in w for w in warnings
+    )
     # The forged copy of thread 7004 in process 7300 is reported, marked, with its own values.
     clone = [t for t in truth["threads"] if (t["pid"], t["tid"]) == (7400, 7004)]
     original = [t for t in truth["threads"] if (t["pid"], t["tid"]) == (7000, 7004)]

@@ -313,3 +313,12 @@ def test_hang_guard_interrupts():
     with pytest.raises(CaseTimeout), time_limit(0.05):
         while True:
             pass
+
+
+def test_regression_two_smeared_thread_headers(basic_image):
+    """Found by the long fuzz profile: zeroing the dispatcher-header Type of explorer's first
+    and third threads stopped every walk of both thread lists at them, losing thread 1240."""
+    kthreads = basic_image.index.targets["kthread"]  # System's 2 threads, then explorer's
+    mutations = [(kthreads[2][0], b"\0"), (kthreads[4][0], b"\0")]
+    touched, _ = basic_image.check(mutations)
+    assert touched == {(1232, 1236), (1232, 1244)}

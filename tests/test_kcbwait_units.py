@@ -697,8 +697,29 @@ def test_thread_list_walks_recover_from_cycles_holes_and_non_threads():
     stranger = {**links, 0x4000: (0x9000, 0x3000)}
     listing = FakeLister(stranger, {**types, 0x9000: False}).list(0x1000)
     assert listing.addresses == entries
-    assert thread_list.STOP_NOT_THREAD in listing.problems[0]
+    assert listing.problems[0] == (
+        "ETHREAD list, Flink walk: passed over 1 entries that are not threads"
+    )
+    assert thread_list.STOP_UNREADABLE in listing.problems[1]
     self_loop = {**links, 0x2000: (0x2000, head)}
     assert FakeLister(self_loop, types).list(0x1000).addresses == entries
     both = {**links, 0x3000: (0xDEAD000, 0xDEAD000)}  # one entry's links both broken
     assert FakeLister(both, types).list(0x1000).addresses == entries
+
+
+def test_smeared_thread_headers_hide_no_other_thread():
+    """Found by the fuzzer: two threads whose dispatcher-header Type was zeroed stopped both
+    walks of both lists, losing the intact thread between them."""
+    from volatility3.plugins.windows.kcbwait_analysis import thread_list
+
+    head, entries = 0x1010, [0x2000, 0x3000, 0x4000, 0x5000]
+    types = {0x2000: False, 0x3000: True, 0x4000: False, 0x5000: True}
+    listing = FakeLister(ring(head, entries), types).list(0x1000)
+    assert listing.addresses == [0x3000, 0x5000]
+    garbage = {head: (0x2000, 0x2000), 0x2000: (0x2000 + 0x10, head)}
+    for n in range(thread_list.MAX_NOT_THREADS + 2):
+        garbage[0x2000 + 0x10 * n] = (0x2000 + 0x10 * (n + 1), 0)
+    not_threads = {address: False for address in garbage}
+    listing = FakeLister(garbage, not_threads).list(0x1000)
+    assert listing.addresses == []
+    assert any(thread_list.STOP_NOT_THREAD in p for p in listing.problems)

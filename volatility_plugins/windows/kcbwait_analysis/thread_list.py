@@ -6,13 +6,16 @@ Windows links every thread twice: ``ETHREAD.ThreadListEntry`` into ``EPROCESS.Th
 into unmapped memory, a link back to an earlier entry (a cycle, or an entry pointing at
 itself), a link to something that is not a thread.  One broken link must not hide the threads
 behind it, so the listing walks each list forward from its head and then backward (Blink).
-Each walk stops at the head, at an unreadable link, at an entry it already met (a cycle), at an
-entry that is not a thread object, or after MAX_THREADS entries.  Threads are listed once, in
-this order (docs/output-contract.md): the forward walk of the ETHREAD list; threads only its
-backward walk reached, in list order; then the same two walks over the KTHREAD list.
+Each walk stops at the head, at an unreadable link, at an entry it already met (a cycle), after
+MAX_NOT_THREADS entries in a row that are not thread objects, or after MAX_THREADS entries.
+Threads are listed once, in this order (docs/output-contract.md): the forward walk of the ETHREAD
+list; threads only its backward walk reached, in list order; then the same two walks over the
+KTHREAD list.
 
 An entry counts as a thread when its ``KTHREAD.Header.Type`` is ThreadObject; without that check
-a link into arbitrary memory would turn whatever lies there into rows.
+a link into arbitrary memory would turn whatever lies there into rows.  An entry that fails it
+is passed over, not a dead end: its links are still followed, because a smeared header on one
+thread must not hide the threads listed after it.
 """
 
 import struct
@@ -27,13 +30,16 @@ from volatility3.plugins.windows.kcbwait_analysis import memory
 MAX_THREADS = 0x10000
 # KOBJECTS.ThreadObject: the dispatcher-header Type of every KTHREAD (WRK ke.h).
 THREAD_OBJECT_TYPE = 6
+# Entries in a row a walk passes over when they are not threads: a smeared header or two is
+# worth stepping over, a long run means the walk has left the list for unrelated memory.
+MAX_NOT_THREADS = 16
 # _LIST_ENTRY: Flink then Blink, 8 bytes each on x64.
 _LIST_ENTRY = struct.Struct("<QQ")
 
 # Why a walk stopped before returning to its list head.
 STOP_UNREADABLE = "unreadable link"
 STOP_CYCLE = "link back to an earlier entry"
-STOP_NOT_THREAD = "link to an entry that is not a thread"
+STOP_NOT_THREAD = f"{MAX_NOT_THREADS + 1} entries in a row that are not threads"
 STOP_TOO_LONG = f"more than {MAX_THREADS} entries"
 
 
@@ -122,32 +128,39 @@ class ThreadLister:
 
     def _walk(
         self, head: int, shape: ListShape, forward: bool, known: set[int]
-    ) -> tuple[list[int], str | None]:
-        """One walk from ``head``: ETHREAD addresses in walk order and why it stopped early
-        (None when it came back to the head).  Entries in ``known`` were already accepted as
-        threads by an earlier walk, so they are followed without being checked again."""
+    ) -> tuple[list[int], str | None, int]:
+        """One walk from ``head``: ETHREAD addresses in walk order, why it stopped early (None
+        when it came back to the head) and how many entries it passed over as not threads.
+        Entries in ``known`` were already accepted as threads by an earlier walk, so they are
+        followed without being checked again."""
         found: list[int] = []
         visited: set[int] = set()
+        passed_over = in_a_row = 0
         entry = head
         for _ in range(MAX_THREADS):
             links = self._links(entry)
             if links is None:
-                return found, STOP_UNREADABLE
+                return found, STOP_UNREADABLE, passed_over
             entry = links[0] if forward else links[1]
             if entry == head:
-                return found, None
+                return found, None, passed_over
             if entry in visited:
-                return found, STOP_CYCLE
+                return found, STOP_CYCLE, passed_over
             visited.add(entry)
             ethread = (entry - shape.entry_offset) & self._mask
             if ethread not in known:
                 is_thread = self._is_thread(ethread)
                 if is_thread is None:
-                    return found, STOP_UNREADABLE
+                    return found, STOP_UNREADABLE, passed_over
                 if not is_thread:
-                    return found, STOP_NOT_THREAD
+                    passed_over += 1
+                    in_a_row += 1
+                    if in_a_row > MAX_NOT_THREADS:
+                        return found, STOP_NOT_THREAD, passed_over
+                    continue
+            in_a_row = 0
             found.append(ethread)
-        return found, STOP_TOO_LONG
+        return found, STOP_TOO_LONG, passed_over
 
     def list(self, eprocess: int) -> ThreadListing:
         """Every thread of the EPROCESS at ``eprocess`` (a kernel virtual address)."""
@@ -156,9 +169,14 @@ class ThreadLister:
         for shape in self._shapes:
             head = (eprocess + shape.head_offset) & self._mask
             for forward in (True, False):
-                found, stopped = self._walk(head, shape, forward, known)
+                found, stopped, passed_over = self._walk(head, shape, forward, known)
+                direction = "Flink" if forward else "Blink"
+                if passed_over:
+                    listing.problems.append(
+                        f"{shape.name} list, {direction} walk: passed over {passed_over} "
+                        "entries that are not threads"
+                    )
                 if stopped is not None:
-                    direction = "Flink" if forward else "Blink"
                     listing.problems.append(
                         f"{shape.name} list, {direction} walk: {stopped} after {len(found)} entries"
                     )
