@@ -146,7 +146,10 @@ def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -
                     str(symbols),
                     str(cache),
                 ]
-                out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+                done = subprocess.run(child, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    raise RuntimeError(f"{name} failed on {image['raw']}:\n{done.stderr[-2000:]}")
+                out = done.stdout
                 data = json.loads(out.strip().splitlines()[-1])
                 samples[name]["analysis"].append(data["seconds"])
                 samples[name]["analysis_rss"].append(data["rss_mib"])
