@@ -220,6 +220,9 @@ def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayo
         rva, size = module.pdata
         regions.add_virtual(owner, space, module.base + rva, size)
         if module is ctx.ntdll:
+            export_page = module.base + (module.export_dir[0] & ~0xFFF)
+            pte = space.entry_slots(export_page)[-1]  # this process's own PTE for that page
+            regions.add_physical_target(f"ntdll_export_pte:{proc.pid}", pte, pte + 8)
             regions.add_target("ntdll_headers", space, module.base, 0x400)
             regions.add_target(
                 "ntdll_exports", space, module.base + module.export_dir[0], module.export_dir[1]

@@ -64,6 +64,10 @@ class RegionMap:
             self._targets.append((label, space, va, size))
             self.pointers.append(va)
 
+    def add_physical_target(self, label: str, start: int, end: int) -> None:
+        """A structure worth mutating given by its physical range (a page-table entry)."""
+        self.targets.setdefault(label, []).append((start, end))
+
     def resolve(self) -> None:
         """Translates every recorded virtual range (after all damage has been applied)."""
         for owner, space, va, size in self._virtual:

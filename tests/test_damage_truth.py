@@ -25,6 +25,9 @@ from tests.test_kcbwait_truth import as_truth
 
 PLUGIN = "windows.kcbwait.KcbWait"
 DAMAGED = ["damaged-threads", "damaged-lists", "hostile-names"]
+# ntdll damage varies the image, not the kernel: the lab table plus one build per way the
+# kernel records KiUserCallbackDispatcher (KeUserCallbackDispatcher, PsNtdllExports) suffice.
+NTDLL_PROFILES = [p for p in ALL_PROFILES if p.id in ("lab", "19041", "22000")]
 
 
 def _by_tid(truth: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
@@ -145,7 +148,7 @@ NTDLL_CASES = {
 }
 
 
-@pytest.mark.parametrize("profile", ALL_PROFILES)
+@pytest.mark.parametrize("profile", NTDLL_PROFILES)
 @pytest.mark.parametrize("case", list(NTDLL_CASES))
 def test_ntdll_export_damage(images, tmp_path, case, profile):
     data = _variant("basic", NTDLL_CASES[case])

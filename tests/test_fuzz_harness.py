@@ -322,3 +322,18 @@ def test_regression_two_smeared_thread_headers(basic_image):
     mutations = [(kthreads[2][0], b"\0"), (kthreads[4][0], b"\0")]
     touched, _ = basic_image.check(mutations)
     assert touched == {(1232, 1236), (1232, 1244)}
+
+
+@pytest.fixture(scope="module")
+def nt_only_image(tmp_path_factory) -> FuzzImage:
+    return FuzzImage("nt-only", tmp_path_factory.mktemp("fuzz-nt-only"))
+
+
+def test_regression_one_process_page_table_entry_poisoned_another(nt_only_image):
+    """Found by the long fuzz profile: a smeared PTE of winlogon's ntdll export page made
+    winlogon read the wrong page; the parse, cached per (base, path), then gave svchost an
+    export table without NtCallbackReturn ('invalid: ntdll exports', ntdll.dll+RVA symbols).
+    Parses are now shared only between processes that map the same physical pages."""
+    (pte, _end) = nt_only_image.index.targets["ntdll_export_pte:712"][0]
+    touched, _ = nt_only_image.check([(pte, b"\xff\xff")])
+    assert touched == {(712, 716), (712, 720), (712, 724)}

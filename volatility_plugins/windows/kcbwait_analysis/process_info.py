@@ -1,10 +1,15 @@
 """Per-process facts and the per-image caches shared by all processes of one memory image.
 
-A DLL is mapped at the same base in every process of a boot (ntdll always is), so an image's
-export table and .pdata are parsed once per (base, path).  When this process's copy of a page is
-unreadable (paged out), the same image in up to MAX_COPIES_TRIED other processes is tried before
-giving up.  Every cache is bounded, so a hostile image with huge process or module lists costs
-bounded memory.
+A DLL is mapped at the same base in every process of a boot (ntdll always is), and its pages are
+shared, so an image's export table and .pdata are parsed once per *copy*: per (base, path) and
+the physical pages this process's page tables map its headers, export directory and exception
+directory to.  Processes that map the same physical pages share one parse; a process whose
+tables map a page elsewhere (a private copy, a smeared or hostile page-table entry) gets its own,
+so damage in one process can never change what another process's threads report.  When this
+process's copy of a page is unreadable (paged out), the same image in up to MAX_COPIES_TRIED
+other processes is tried before giving up (docs/output-contract.md: the one way another
+process's memory is used).  Every cache is bounded, so a hostile image with huge process or
+module lists costs bounded memory.
 """
 
 import logging
@@ -37,6 +42,8 @@ MAX_CACHED_IMAGES = 0x1000
 IMAGE_FILE_NAME_LENGTH = 15
 
 ImageKey = tuple[int, str]
+Fingerprint = tuple
+"""(base, path, physical pages of headers, export and exception directories in one layer)."""
 
 
 @dataclass
@@ -130,8 +137,9 @@ class ImageCatalog:
         self._all_processes = all_processes
         self._infos: dict[int, ProcessInfo] = {}
         self._modules_left = MAX_TOTAL_MODULES
-        self._exports: dict[ImageKey, pe_exports.ExportsRead] = {}
-        self._ntdll: dict[tuple[int, str, int], ntdll_exports.NtdllFacts] = {}
+        self._exports: dict[Fingerprint, pe_exports.ExportsRead] = {}
+        self._fingerprints: dict[tuple[str | None, ImageKey], Fingerprint] = {}
+        self._ntdll: dict[tuple[Fingerprint, int], ntdll_exports.NtdllFacts] = {}
         self._copies: dict[ImageKey, list[str]] | None = None
         self._by_address: dict[int, ProcessInfo] | None = None
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
@@ -178,12 +186,41 @@ class ImageCatalog:
         others = [n for n in self._copies_index().get(module.cache_key, []) if n != preferred]
         yield from others[:MAX_COPIES_TRIED]
 
+    def fingerprint(self, module: symbolizer.LoadedModule, layer_name: str | None) -> Fingerprint:
+        """Which physical copy of ``module`` the process layer ``layer_name`` sees (once per
+        layer and image): the pages its headers and directories translate to."""
+        key = (layer_name, module.cache_key)
+        if key not in self._fingerprints:
+            pages: list[tuple[int, int, str]] = []
+            if layer_name is not None:
+                spans = [(module.base, pe_exports.HEADER_SIZE)]
+                headers, _problem = pe_exports.read_headers(self._context, layer_name, module.base)
+                if headers is not None:
+                    for directory, cap in (
+                        (headers.export, pe_exports.MAX_EXPORT_DIRECTORY),
+                        (headers.exception, ntdll_exports.MAX_EXCEPTION_DIRECTORY),
+                    ):
+                        if pe_exports.directory_in_image(headers, directory, cap):
+                            spans.append((module.base + directory.rva, directory.size))
+                layer = self._context.layers[layer_name]
+                for start, size in spans:
+                    try:
+                        mapped = layer.mapping(start, size, ignore_errors=True)
+                        pages.extend((m[2], m[3], m[4]) for m in mapped)
+                    except exceptions.InvalidAddressException:
+                        pages.append((start, -1, "unmapped"))
+            if len(self._fingerprints) >= MAX_CACHED_IMAGES * 4:
+                del self._fingerprints[next(iter(self._fingerprints))]
+            self._fingerprints[key] = (*module.cache_key, tuple(pages))
+        return self._fingerprints[key]
+
     def exports_read(
         self, module: symbolizer.LoadedModule, preferred_layer: str | None
     ) -> pe_exports.ExportsRead:
-        """Export table of ``module`` (parsed once per (base, path)) from the first copy that
-        parses; else INVALID if any copy was read but corrupt, else UNREADABLE."""
-        key = module.cache_key
+        """Export table of ``module`` as the process layer ``preferred_layer`` maps it (parsed
+        once per physical copy); if that copy is unreadable, from the first other process's
+        copy that parses; else INVALID if any copy was read but corrupt, else UNREADABLE."""
+        key = self.fingerprint(module, preferred_layer)
         if key not in self._exports:
             result = pe_exports.ExportsRead(None, pe_exports.UNREADABLE)
             for layer_name in self._layers_for(module, preferred_layer):
@@ -193,6 +230,8 @@ class ImageCatalog:
                     break
                 if attempt.problem == pe_exports.INVALID:
                     result = attempt
+                    if layer_name == preferred_layer:
+                        break  # this process's own copy was read: it is what it maps
             if len(self._exports) >= MAX_CACHED_IMAGES:
                 del self._exports[next(iter(self._exports))]
             self._exports[key] = result
@@ -214,9 +253,9 @@ class ImageCatalog:
     def ntdll_facts(
         self, module: symbolizer.LoadedModule | None, layer_name: str | None
     ) -> ntdll_exports.NtdllFacts:
-        """Facts for the ntdll image ``module`` (once per (base, path, size): the size bounds
-        the kernel's dispatcher check, so a process whose loader entry lies about it cannot
-        change another process's facts).
+        """Facts for the ntdll image ``module`` (once per physical copy and size: the size
+        bounds the kernel's dispatcher check, so a process whose loader entry lies about it
+        cannot change another process's facts).
 
         With no module, the boot's ntdll as found in the first process that lists one is used,
         and failing that only the kernel's dispatcher address is known.
@@ -225,7 +264,7 @@ class ImageCatalog:
             layer_name, module = self._boot_ntdll()
         if module is None:
             return ntdll_exports.build_facts(None, 0, None, None, self.facts.dispatcher)
-        key = (*module.cache_key, module.size)
+        key = (self.fingerprint(module, layer_name), module.size)
         if key not in self._ntdll:
             read = self.exports_read(module, layer_name)
             pdata = self._pdata(module, layer_name)
