@@ -16,7 +16,7 @@ or cannot be true becomes a note on the thread's row rather than a lost row or a
 import logging
 from collections.abc import Iterator
 
-from volatility3.framework import interfaces, renderers
+from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows import pslist, threads
@@ -24,6 +24,7 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     kernel_facts,
     memory,
     process_info,
+    read_stats,
     reason,
     results,
     text,
@@ -128,9 +129,15 @@ class KcbWait(interfaces.plugins.PluginInterface):
         kernel_module_name: str,
         pids: list[int] | None = None,
         tids: list[int] | None = None,
+        progress_callback: constants.ProgressCallback = None,
     ) -> Iterator[results.ThreadResult]:
         """Analyses every thread (pslist order, then ThreadListHead order), optionally narrowed
-        to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason."""
+        to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason.
+
+        ``progress_callback`` (Volatility's ``(percent, description)``) hears of each process.
+        Work counters (bytes read, export directories parsed) are logged at debug level.
+        """
+        stats = read_stats.reset()
         facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
         catalog = process_info.ImageCatalog(
             context,
@@ -140,28 +147,45 @@ class KcbWait(interfaces.plugins.PluginInterface):
         analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog)
         lister = thread_list.ThreadLister(context, kernel_module_name)
         tid_filter = set(tids or [])
-        processes = pslist.PsList.list_processes(
-            context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
+        # Listing the processes first (bounded) gives the progress callback a total.
+        processes = list(
+            memory.bounded(
+                pslist.PsList.list_processes(
+                    context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
+                ),
+                process_info.MAX_PROCESSES,
+            )
         )
         budget = MAX_TOTAL_THREADS
-        for proc in memory.bounded(processes, process_info.MAX_PROCESSES):
-            info = catalog.process_info(proc)
-            listing = lister.list(proc.vol.offset)
-            for problem in listing.problems:
-                vollog.warning(
-                    f"PID {info.summary.pid} (EPROCESS {proc.vol.offset:#x}): thread list "
-                    f"damaged: {problem}; threads found by the other walks are still listed"
-                )
-            for thread in lister.threads(listing):
-                if budget <= 0:
-                    vollog.warning(f"stopped after {MAX_TOTAL_THREADS} threads (corrupt lists?)")
-                    return
-                budget -= 1
-                if tid_filter:
-                    tid = memory.try_read(lambda t=thread: int(t.Cid.UniqueThread))
-                    if tid not in tid_filter:
-                        continue
-                yield analyzer.analyse(info, thread)
+        try:
+            for index, proc in enumerate(processes):
+                info = catalog.process_info(proc)
+                if progress_callback is not None:
+                    progress_callback(
+                        100.0 * index / len(processes),
+                        f"Analysing threads of PID {info.summary.pid}",
+                    )
+                listing = lister.list(proc.vol.offset)
+                for problem in listing.problems:
+                    vollog.warning(
+                        f"PID {info.summary.pid} (EPROCESS {proc.vol.offset:#x}): thread list "
+                        f"damaged: {problem}; threads found by the other walks are still listed"
+                    )
+                for thread in lister.threads(listing):
+                    if budget <= 0:
+                        vollog.warning(
+                            f"stopped after {MAX_TOTAL_THREADS} threads (corrupt lists?)"
+                        )
+                        return
+                    budget -= 1
+                    if tid_filter:
+                        tid = memory.try_read(lambda t=thread: int(t.Cid.UniqueThread))
+                        if tid not in tid_filter:
+                            continue
+                    stats.threads += 1
+                    yield analyzer.analyse(info, thread)
+        finally:
+            vollog.debug(f"windows.kcbwait work: {stats.summary()}")
 
     @staticmethod
     def _thread_row(result: results.ThreadResult) -> tuple:
@@ -226,6 +250,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             self.config["kernel"],
             pids=self.config.get("pid", None),
             tids=self.config.get("tid", None),
+            progress_callback=self._progress_callback,
         ):
             if not reason.is_listed(result.reason, all_threads, at_return_only):
                 continue

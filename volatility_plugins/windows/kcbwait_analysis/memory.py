@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from volatility3.framework import exceptions, interfaces
+from volatility3.plugins.windows.kcbwait_analysis import read_stats
 
 PAGE_SIZE = 0x1000
 # No single read of this plugin needs more than this; anything larger is a corrupt length.
@@ -39,6 +40,7 @@ def read_bytes(
     out of range."""
     if length <= 0 or length > MAX_READ or address < 0 or address + length > ADDRESS_LIMIT:
         return None
+    read_stats.count_read(length)
     try:
         return context.layers[layer_name].read(address, length)
     except exceptions.InvalidAddressException:

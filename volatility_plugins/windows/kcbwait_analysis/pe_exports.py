@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pefile
 from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory, text
+from volatility3.plugins.windows.kcbwait_analysis import memory, read_stats, text
 
 HEADER_SIZE = memory.PAGE_SIZE
 # A sane image's export directory is far smaller (ntdll's is ~0x20000 bytes).
@@ -255,6 +255,7 @@ def read_module_exports(
     if not directory_in_image(headers, export, MAX_EXPORT_DIRECTORY):
         return ExportsRead(None, INVALID)
     directory = bytearray(export.size)
+    read_stats.count_export_parse(base)
     if not read_pages_into(context, layer_name, base + export.rva, directory):
         return ExportsRead(None, UNREADABLE)
     try:
