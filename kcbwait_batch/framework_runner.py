@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import importlib
 import os
 import shutil
 import tempfile
@@ -202,13 +203,30 @@ def construct(
     return plugins.construct_plugin(ctx, automagics, plugin_cls, "plugins", None, None)
 
 
-def _unsatisfied_message(error: exceptions.UnsatisfiedException) -> str:
+def _missing_table(image: Path | str) -> str:
+    """Names the kernel's PDB GUID and age, so the investigator knows which table to supply."""
+    # The plugin package's helper scans the file for the kernel's CodeView record; it is
+    # importable once prepare() has put the plugin directories on Volatility's plugin path.
+    kernel_symbols = importlib.import_module(
+        "volatility3.plugins.windows.kcbwait_analysis.kernel_symbols"
+    )
+    pdb = kernel_symbols.find_kernel_pdb(Path(image))
+    if pdb is None:
+        return "no kernel symbol table matched (check --symbols and --offline)"
+    return (
+        f"no symbol table for kernel {pdb.name} GUID {pdb.guid} age {pdb.age}: put "
+        f"windows/{pdb.name}/{pdb.table_stem}.json.xz under a --symbols directory, or run "
+        "without --offline to download it"
+    )
+
+
+def _unsatisfied_message(error: exceptions.UnsatisfiedException, image: Path | str) -> str:
     """vol's explanation of unsatisfied requirements, in one line."""
     kinds = {type(req) for req in error.unsatisfied.values()}
     if requirements.TranslationLayerRequirement in kinds:
         why = "no Windows kernel layer found (not a Windows memory image, truncated, or unreadable)"
     elif requirements.SymbolTableRequirement in kinds:
-        why = "no kernel symbol table matched (check --symbols and --offline)"
+        why = _missing_table(image)
     else:
         why = "plugin requirements not satisfied"
     return f"{why}; unsatisfied: {', '.join(sorted(error.unsatisfied))}"
@@ -278,7 +296,7 @@ def run_kcbwait(
     try:
         constructed = construct(image, plugin_cls, options)
     except exceptions.UnsatisfiedException as error:
-        raise ImageError(_unsatisfied_message(error)) from None
+        raise ImageError(_unsatisfied_message(error, image)) from None
     kernel_name = constructed.config["kernel"]
     identity = kernel_identity.identify(constructed.context, kernel_name)
     stage("analysing threads")

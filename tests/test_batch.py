@@ -504,3 +504,22 @@ def test_writer_round_trip_and_torn_output(tmp_path):
     records_ = records.image_records(images[0], _outcome(rows), {})
     assert records.as_plugin_rows(records_[:-1]) == rows
     assert records_[-1]["threads_at_return"] == 1 and records_[-1]["callback_frames"] == 1
+
+
+def test_missing_symbol_table_names_the_kernel_pdb(images, tmp_path):
+    """Offline without the kernel's table, the status says which GUID/age to supply."""
+    from kcbwait_batch import framework_runner
+    from tests.support.volrun import PLUGIN_DIR
+
+    paths = images.get("basic", "lab")
+    truth = images.truth("basic", "lab")
+    empty = tmp_path / "no-symbols"
+    empty.mkdir()
+    config = framework_runner.FrameworkConfig(
+        symbol_dirs=(str(empty),), plugin_dirs=(str(PLUGIN_DIR),), offline=True, private_cache=True
+    )
+    with pytest.raises(framework_runner.ImageError) as raised:
+        framework_runner.run_kcbwait(paths["raw"], config)
+    guid, age = truth["profile"]["guid"], truth["profile"]["age"]
+    assert f"GUID {guid} age {age}" in str(raised.value)
+    assert f"windows/ntkrnlmp.pdb/{guid}-{age}.json.xz" in str(raised.value)
