@@ -31,13 +31,13 @@ from volatility3.framework import automagic, contexts, interfaces, plugins
 from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import intel, linear
-from volatility3.framework.renderers import format_hints
 
 from imagebuilder.build import build_image
 from imagebuilder.isf import SymbolTable
 from imagebuilder.profiles import lab_profile
 from imagebuilder.regions import PROCESS_LIST
 from imagebuilder.scenario import parse_scenario
+from kcbwait_batch.framework_runner import grid_rows
 from tests.conftest import SCENARIOS
 from tests.support.volrun import run_plugin
 from tests.test_kcbwait_truth import as_truth
@@ -69,32 +69,6 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _value(value: Any) -> Any:
-    if isinstance(value, interfaces.renderers.BaseAbsentValue):
-        return None
-    if isinstance(value, format_hints.Hex):
-        return int(value)
-    return value
-
-
-def grid_rows(grid: interfaces.renderers.TreeGrid) -> list[dict[str, Any]]:
-    """A populated TreeGrid as JSON-shaped rows (children under ``__children``)."""
-    columns = [c.name for c in grid.columns]
-    roots: list[dict[str, Any]] = []
-    by_path: dict[str, dict[str, Any]] = {}
-
-    def visit(node, acc):
-        row = {name: _value(v) for name, v in zip(columns, node.values, strict=True)}
-        row["__children"] = []
-        parent = by_path.get(node.parent.path) if node.parent else None
-        (parent["__children"] if parent is not None else roots).append(row)
-        by_path[node.path] = row
-        return acc
-
-    grid.populate(visit, None)
-    return roots
 
 
 def clear_framework_caches() -> None:
