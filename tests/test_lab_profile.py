@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from imagebuilder import lab_profile as lp
+from imagebuilder import lab_types as lt
 
 SHARED_SYMBOLS = Path(__file__).resolve().parents[1].parent / "shared" / "symbols"
 REAL_19041 = (
@@ -98,13 +99,13 @@ KERNEL_GLOBALS_READ_BY_VOLATILITY = [
 def _natural_alignment(isf_type: dict[str, Any], layouts: dict[str, lp.TypeLayout]) -> int:
     kind = isf_type["kind"]
     if kind == "base":
-        return max(1, lp.BASE_TYPES[isf_type["name"]]["size"])
+        return max(1, lt.BASE_TYPES[isf_type["name"]]["size"])
     if kind == "pointer":
-        return lp.POINTER_SIZE
+        return lt.POINTER_SIZE
     if kind == "array":
         return _natural_alignment(isf_type["subtype"], layouts)
     if kind == "enum":
-        return lp.ENUMS[isf_type["name"]]["size"]
+        return lt.ENUMS[isf_type["name"]]["size"]
     return layouts[isf_type["name"]].align
 
 
@@ -206,7 +207,7 @@ def test_layout_is_self_consistent() -> None:
                 assert item.offset % _natural_alignment(item.isf_type, layouts) == 0, (
                     f"{name}.{item.name} misaligned at {item.offset:#x}")
             else:
-                unit_bits = lp.BASE_TYPES[item.isf_type["type"]["name"]]["size"] * 8
+                unit_bits = lt.BASE_TYPES[item.isf_type["type"]["name"]]["size"] * 8
                 assert item.offset % (unit_bits // 8) == 0, f"{name}.{item.name}"
                 assert item.bit_position >= 0
                 assert item.bit_position + item.bit_length <= unit_bits
@@ -259,12 +260,12 @@ def test_pinned_offsets_and_sizes() -> None:
 
 def test_layout_rules() -> None:
     types = {
-        "_A": lp.S(("a", "unsigned char"), ("b", "unsigned long long"), ("c", "unsigned short")),
-        "_B": lp.S(("x", "char"), ("f1", lp.bits(3, "unsigned long")),
-                   ("f2", lp.bits(30, "unsigned long")), ("f3", lp.bits(2, "unsigned short"))),
-        "_C": lp.U([("lo", "unsigned long"), ("hi", "long")], ("q", "long long")),
-        "_D": lp.S(("a", "unsigned char"), lp.PadTo(0x10), ("m", "_M")),
-        "_M": lp.S(("x", "unsigned long long"), align=16),
+        "_A": lt.S(("a", "unsigned char"), ("b", "unsigned long long"), ("c", "unsigned short")),
+        "_B": lt.S(("x", "char"), ("f1", lt.bits(3, "unsigned long")),
+                   ("f2", lt.bits(30, "unsigned long")), ("f3", lt.bits(2, "unsigned short"))),
+        "_C": lt.U([("lo", "unsigned long"), ("hi", "long")], ("q", "long long")),
+        "_D": lt.S(("a", "unsigned char"), lt.PadTo(0x10), ("m", "_M")),
+        "_M": lt.S(("x", "unsigned long long"), align=16),
     }
     layouter = lp._Layouter(types, {})
     a = layouter.layout("_A")
@@ -281,20 +282,20 @@ def test_layout_rules() -> None:
     d = layouter.layout("_D")
     assert d.fields["m"].offset == 0x10 and d.size == 0x20 and d.align == 16
     with pytest.raises(lp.LayoutError):
-        lp._Layouter({"_E": lp.S(("a", "unsigned long"), lp.PadTo(2))}, {}).layout("_E")
+        lp._Layouter({"_E": lt.S(("a", "unsigned long"), lt.PadTo(2))}, {}).layout("_E")
 
 
 def test_kernel_symbols() -> None:
     layouts = lp.layout()
-    assert "KeUserCallbackDispatcher" in lp.SYMBOLS  # builds up to 19041
-    assert "PsNtdllExports" not in lp.SYMBOLS and "_PS_NTDLL_EXPORTS" not in layouts
+    assert "KeUserCallbackDispatcher" in lt.SYMBOLS  # builds up to 19041
+    assert "PsNtdllExports" not in lt.SYMBOLS and "_PS_NTDLL_EXPORTS" not in layouts
     for name in KERNEL_GLOBALS_READ_BY_VOLATILITY + ["NtBuildLab", "NtBuildNumber",
                                                       "CmNtCSDVersion"]:
-        assert name in lp.SYMBOLS, name
+        assert name in lt.SYMBOLS, name
     spans = []
-    for name, sym in lp.SYMBOLS.items():
-        assert sym.rva >= lp.KERNEL_DATA_START, name
-        assert sym.rva + sym.size <= lp.KERNEL_DATA_END, name
+    for name, sym in lt.SYMBOLS.items():
+        assert sym.rva >= lt.KERNEL_DATA_START, name
+        assert sym.rva + sym.size <= lt.KERNEL_DATA_END, name
         assert sym.rva % 16 == 0, name
         if sym.ctype in layouts:
             assert sym.size == layouts[sym.ctype].size, name
@@ -452,11 +453,11 @@ def test_volatility_loads_the_table(vol_table) -> None:
     assert table.get_type_class("_POOL_HEADER") is pool.POOL_HEADER_VISTA
     assert context.symbol_space.get_type(f"{table_name}!pointer").size == 8
     assert table.get_symbol("KeUserCallbackDispatcher").address == (
-        lp.SYMBOLS["KeUserCallbackDispatcher"].rva)
+        lt.SYMBOLS["KeUserCallbackDispatcher"].rva)
     assert not context.symbol_space.has_symbol(f"{table_name}!PsNtdllExports")
-    for name in lp.ENUMS:
+    for name in lt.ENUMS:
         enum = table.get_enumeration(name)
-        assert enum.choices == lp.ENUMS[name]["constants"]
+        assert enum.choices == lt.ENUMS[name]["constants"]
 
 
 def test_volatility_agrees_with_the_layout(vol_table) -> None:
