@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagebuilder.pe_image import new_image, set_image_base
+from imagebuilder.pe_image import PeImage, new_image, set_image_base
 
 NTDLL_SYSCALLS = (
     "NtWaitForSingleObject",
@@ -129,6 +129,20 @@ def _unwind_push_machframe() -> bytes:
 DECOY_EXPORT = "KiCallbackReturnDecoy"
 
 
+def _mapped(img: PeImage, path: str, base: int, **facts: Any) -> ModuleImage:
+    """The built image as it is mapped at ``base``, with its export facts."""
+    return ModuleImage(
+        img.name,
+        path,
+        base,
+        set_image_base(bytes(img), base),
+        img.exports,
+        export_dir=(img.export_rva, img.export_size),
+        export_layout=img.export_layout,
+        **facts,
+    )
+
+
 def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     img = new_image(
         "ntdll.dll",
@@ -167,14 +181,10 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     img.exports = exports
     img.build_exports(".rdata", 0x10000)
     img.build_pdata(".pdata", 0x14000)
-    return ModuleImage(
-        "ntdll.dll",
+    return _mapped(
+        img,
         r"\Windows\System32\ntdll.dll",
         MODULE_BASES["ntdll.dll"],
-        set_image_base(bytes(img), MODULE_BASES["ntdll.dll"]),
-        exports,
-        export_dir=(img.export_rva, img.export_size),
-        export_layout=img.export_layout,
         extras={"dispatcher": dispatcher, "dispatcher_return": dispatcher + _CALL_TABLE_OFFSET},
         pdata=(img.pdata_rva, 12 * len(img.pdata)),
     )
@@ -189,15 +199,7 @@ def build_win32u() -> ModuleImage:
         exports[name] = rva
     img.exports = exports
     img.build_exports(".rdata", 0x8000)
-    return ModuleImage(
-        "win32u.dll",
-        r"\Windows\System32\win32u.dll",
-        MODULE_BASES["win32u.dll"],
-        set_image_base(bytes(img), MODULE_BASES["win32u.dll"]),
-        exports,
-        export_dir=(img.export_rva, img.export_size),
-        export_layout=img.export_layout,
-    )
+    return _mapped(img, r"\Windows\System32\win32u.dll", MODULE_BASES["win32u.dll"])
 
 
 HANDLERS_RVA = 0x8000
@@ -235,14 +237,10 @@ def build_user32(table_size: int) -> ModuleImage:
     img.put(".data", CALLBACK_TABLE_RVA, bytes(table))
     img.exports = exports
     img.build_exports(".rdata", 0x28000)
-    return ModuleImage(
-        "user32.dll",
+    return _mapped(
+        img,
         r"\Windows\System32\user32.dll",
         base,
-        set_image_base(bytes(img), base),
-        exports,
-        export_dir=(img.export_rva, img.export_size),
-        export_layout=img.export_layout,
         data_section=(CALLBACK_TABLE_RVA, len(table)),
         extras={"callback_table": CALLBACK_TABLE_RVA},
     )
@@ -265,13 +263,4 @@ def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImag
     img.put(".text", 0x2000, b"\x48\x83\xec\x48\xcc")
     img.exports = exports
     img.build_exports(".rdata", 0x4000)
-    return ModuleImage(
-        name,
-        path,
-        base,
-        set_image_base(bytes(img), base),
-        exports,
-        export_dir=(img.export_rva, img.export_size),
-        export_layout=img.export_layout,
-        extras={"payload": 0x2000},
-    )
+    return _mapped(img, path, base, extras={"payload": 0x2000})
