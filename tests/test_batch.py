@@ -37,17 +37,31 @@ IGNORED = ["basic-lab.truth.json", "notes.txt"]  # in the directory, not images
 
 
 # -- helpers shared with test_batch_dask.py --------------------------------------------------
+def _batch_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
 def batch(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
     """Runs the batch command; CompletedProcess with text output."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "kcbwait_batch", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=_batch_env(env),
         cwd=ROOT,
         check=False,
+    )
+
+
+def start_batch(args: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
+    """Starts the batch command in the background (for tests that interrupt it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kcbwait_batch", *args],
+        env=_batch_env(env),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        **popen,
     )
 
 
@@ -291,14 +305,7 @@ def test_resume_after_a_killed_run_gives_the_same_output(batch_dir, local_run, t
     _, full = local_run
     out = tmp_path / "out.jsonl"
     args = [*common_args(batch_dir, tmp_path / "cache"), "--out", str(out), "-j", "1", "--hash"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KCBWAIT_BATCH_FAULT": "slow:0.5"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kcbwait_batch", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_batch(args, {"KCBWAIT_BATCH_FAULT": "slow:0.5"}, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -424,15 +431,7 @@ def test_hang_and_crash_do_not_stop_the_batch(batch_dir, expected, truths, tmp_p
 def test_interrupt_leaves_whole_images(batch_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     args = [*common_args(batch_dir, tmp_path / "cache"), "--out", str(out), "-j", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KCBWAIT_BATCH_FAULT": "slow:0.5"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kcbwait_batch", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_batch(args, {"KCBWAIT_BATCH_FAULT": "slow:0.5"}, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out.exists() and out.stat().st_size):
         time.sleep(0.05)
