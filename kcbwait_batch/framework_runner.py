@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import importlib
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from kcbwait_batch import kernel_identity
+from kcbwait_batch import kernel_identity, kernel_symbols
 
 KCBWAIT_PLUGIN = "windows.kcbwait.KcbWait"
 
@@ -205,11 +204,6 @@ def construct(
 
 def _missing_table(image: Path | str) -> str:
     """Names the kernel's PDB GUID and age, so the investigator knows which table to supply."""
-    # The plugin package's helper scans the file for the kernel's CodeView record; it is
-    # importable once prepare() has put the plugin directories on Volatility's plugin path.
-    kernel_symbols = importlib.import_module(
-        "volatility3.plugins.windows.kcbwait_analysis.kernel_symbols"
-    )
     pdb = kernel_symbols.find_kernel_pdb(Path(image))
     if pdb is None:
         return "no kernel symbol table matched (check --symbols and --offline)"

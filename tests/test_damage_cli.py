@@ -26,7 +26,8 @@ from tests.test_kcbwait_truth import as_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 VOL = Path(sys.executable).with_name("vol")
-HELPER = ROOT / "volatility_plugins" / "windows" / "kcbwait_analysis" / "kernel_symbols.py"
+# The helper lives in the tools package, outside the plugin directory Volatility imports.
+HELPER = [sys.executable, "-m", "kcbwait_batch.kernel_symbols"]
 LAB_GUID = "4B43425741495400000000000000AB01"
 LAYER_MESSAGE = "A translation layer requirement was not fulfilled"
 
@@ -133,7 +134,7 @@ def test_kernel_symbols_helper_says_how_to_supply_the_table(basic, tmp_path):
     empty = tmp_path / "no-symbols"
     empty.mkdir()
     missing = subprocess.run(
-        [sys.executable, str(HELPER), str(basic["raw"]), "-s", str(empty)],
+        [*HELPER, str(basic["raw"]), "-s", str(empty)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert missing.returncode == 2
@@ -145,14 +146,14 @@ def test_kernel_symbols_helper_says_how_to_supply_the_table(basic, tmp_path):
     assert f"DIR/windows/ntkrnlmp.pdb/{LAB_GUID}-1.json" in text
     assert "vol --offline -s DIR" in text
     present = subprocess.run(
-        [sys.executable, str(HELPER), str(basic["raw"]), "-s", str(basic["symbols"])],
+        [*HELPER, str(basic["raw"]), "-s", str(basic["symbols"])],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert present.returncode == 0 and "symbol table present" in present.stdout
     noise = tmp_path / "noise.raw"
     noise.write_bytes(os.urandom(1024 * 1024))
     other = subprocess.run(
-        [sys.executable, str(HELPER), str(noise)],
+        [*HELPER, str(noise)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert other.returncode == 1 and "not a Windows memory image" in other.stderr

@@ -7,8 +7,8 @@ Volatility's PDB scanner does (an ``RSDS`` record naming a kernel PDB, followed 
 header), and prints the PDB name, GUID and age, whether a matching table is present, and how to
 supply one online and offline.
 
-    python -m volatility3.plugins.windows.kcbwait_analysis.kernel_symbols IMAGE [-s DIR ...]
-    python .../kcbwait_analysis/kernel_symbols.py IMAGE [-s DIR ...]     (from a checkout)
+    kcbwait-kernel-symbols IMAGE [-s DIR ...]          (installed console script)
+    python -m kcbwait_batch.kernel_symbols IMAGE [-s DIR ...]   (from a checkout)
 
 Exit status: 0 a matching table is present, 2 none is (the message says how to get one), 1 no
 Windows kernel CodeView record was found (not a Windows image, or truncated before the kernel).
