@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import importlib
 import os
 import shutil
 import tempfile
@@ -137,6 +138,7 @@ def prepare(config: FrameworkConfig) -> None:
         )
     )
     volatility3.plugins.__path__ = plugin_path
+    _put_first_in_os_packages(plugin_path)
     volatility3.symbols.__path__ = [
         *map(_absolute, config.symbol_dirs),
         *constants.SYMBOL_BASEPATHS,
@@ -200,6 +202,22 @@ def construct(
         ctx.config[interfaces.configuration.path_join("plugins", plugin_cls.__name__, key)] = value
     automagics = automagic.choose_automagic(available, plugin_cls)
     return plugins.construct_plugin(ctx, automagics, plugin_cls, "plugins", None, None)
+
+
+def _put_first_in_os_packages(plugin_path: list[str]) -> None:
+    """Makes ``DIR/windows`` (etc.) win over an installed copy of the same plugin.
+
+    ``volatility3.plugins.windows`` is a regular package whose ``__path__`` was fixed when it
+    was first imported, so ``volatility3.plugins.windows.kcbwait`` would always be the
+    installed copy (``pip install .`` puts ours there too), never the checkout's, however the
+    plugin path is ordered.
+    """
+    for name in ("windows", "linux", "mac"):
+        package = importlib.import_module(f"volatility3.plugins.{name}")
+        wanted = [
+            os.path.join(d, name) for d in plugin_path if os.path.isdir(os.path.join(d, name))
+        ]
+        package.__path__[:] = list(dict.fromkeys([*wanted, *package.__path__]))
 
 
 def _missing_table(image: Path | str) -> str:

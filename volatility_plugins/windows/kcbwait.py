@@ -2,16 +2,20 @@
 
 For every thread the plugin reports whether its user-mode trap frame stops inside ntdll's
 NtCallbackReturn/ZwCallbackReturn stub (``at-return``) and whether it is inside one or more
-kernel-to-user callbacks (``in-callback``), and lists each callback level found on the user
-stack (UCALLOUT_FRAME) together with whether the kernel's record of it (_KSTACK_CONTROL chain,
-KCALLOUT_FRAME, trap frames) agrees.  Output columns and texts follow docs/output-contract.md;
-the Windows model follows ../shared/docs/callback-machinery.md.  x64 kernels only.
+kernel-to-user callbacks (``in-callback``), and lists each callback level: the kernel's own
+record (_KSTACK_CONTROL chain, trap frames, KCALLOUT_FRAME) names where each level's
+UCALLOUT_FRAME is, and the frame read there says whether the user side agrees.  When the
+kernel stack is swapped out, the user stack is scanned instead.  Output columns and texts
+follow docs/output-contract.md; the Windows model follows ../shared/docs/callback-machinery.md.
+x64 kernels only.
 
 Damaged, smeared and hostile images: every read goes through bounded, exception-safe helpers
 (kcbwait_analysis.memory), every loop over image data has a named cap, and what cannot be read
 or cannot be true becomes a note on the thread's row rather than a lost row or a traceback
 (README, "Damaged images").
 """
+
+from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
@@ -21,15 +25,16 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows import pslist, threads
 from volatility3.plugins.windows.kcbwait_analysis import (
+    findings,
     kernel_facts,
     memory,
     process_info,
     read_stats,
-    reason,
     results,
     text,
     thread_analysis,
     thread_list,
+    wording,
 )
 
 vollog = logging.getLogger(__name__)
@@ -77,7 +82,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
     """Lists threads waiting at ZwCallbackReturn or inside kernel-to-user callbacks (x64)."""
 
     _required_framework_version = (2, 26, 0)
-    _version = (1, 0, 0)
+    _version = (2, 0, 0)
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
@@ -130,22 +135,25 @@ class KcbWait(interfaces.plugins.PluginInterface):
         pids: list[int] | None = None,
         tids: list[int] | None = None,
         progress_callback: constants.ProgressCallback = None,
+        stats: read_stats.ReadStats | None = None,
     ) -> Iterator[results.ThreadResult]:
         """Analyses every thread (pslist order, then ThreadListHead order), optionally narrowed
         to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason.
 
         ``progress_callback`` (Volatility's ``(percent, description)``) hears of each process.
-        Work counters (bytes read, export directories parsed) are logged at debug level.
+        Work counters (bytes read, export directories parsed) go to ``stats`` (a fresh
+        ReadStats when not given) and are logged at debug level when the run ends.
         """
-        stats = read_stats.reset()
+        stats = stats if stats is not None else read_stats.ReadStats()
         facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
         catalog = process_info.ImageCatalog(
             context,
             facts,
             lambda: pslist.PsList.list_processes(context, kernel_module_name),
+            stats,
         )
-        analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog)
-        lister = thread_list.ThreadLister(context, kernel_module_name)
+        analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog, stats)
+        lister = thread_list.ThreadLister(context, kernel_module_name, stats)
         tid_filter = set(tids or [])
         # Listing the processes first (bounded) gives the progress callback a total.
         processes = list(
@@ -197,7 +205,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             _cell(text.display(process.name), "Process", unreadable),
             _cell(process.wow64, "Wow64", unreadable),
             0,
-            result.reason,
+            wording.reason(result.reason),
             _cell(result.state, "State", unreadable),
             _cell(result.wait_reason, "WaitReason", unreadable),
             _cell(result.nesting_level, "NestingLevel", unreadable),
@@ -210,41 +218,45 @@ class KcbWait(interfaces.plugins.PluginInterface):
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(result.kernel_side, "KernelSide"),
-            result.notes,
+            _cell(wording.kernel_side(result.kernel_side, thread_row=True), "KernelSide"),
+            wording.thread_notes(result.notes),
         )
 
     @staticmethod
     def _callback_row(result: results.ThreadResult, callback: results.CallbackResult) -> tuple:
         process = result.process
         unreadable = result.unreadable | process.unreadable
-        frame = callback.frame
+        level = callback.level
+        frame = level.frame
+        columns = callback.unreadable
         return (
             _cell(process.pid, "PID", unreadable),
             _cell(result.tid, "TID", unreadable),
             _cell(text.display(process.name), "Process", unreadable),
             _cell(process.wow64, "Wow64", unreadable),
-            callback.level,
-            reason.CALLBACK,
+            _cell(level.number, "Level"),
+            wording.CALLBACK,
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            format_hints.Hex(frame.rip),
+            _cell(level.rip, "Rip", hex_value=True),
             _cell(text.display(callback.symbol), "Symbol"),
-            format_hints.Hex(frame.rsp),
-            format_hints.Hex(frame.address),
-            frame.api_number,
-            _cell(callback.handler, "Handler", callback.unreadable, hex_value=True),
-            _cell(text.display(callback.handler_symbol), "HandlerSymbol"),
-            format_hints.Hex(frame.buffer),
-            frame.length,
-            callback.kernel_side,
-            callback.notes,
+            _cell(None if frame is None else frame.rsp, "Rsp", columns, hex_value=True),
+            _cell(level.frame_address, "Frame", hex_value=True),
+            _cell(None if frame is None else frame.api_number, "ApiNumber", columns),
+            _cell(callback.handler, "Handler", columns, hex_value=True),
+            _cell(text.display(callback.handler_symbol), "HandlerSymbol", columns),
+            _cell(None if frame is None else frame.buffer, "Buffer", columns, hex_value=True),
+            _cell(None if frame is None else frame.length, "Length", columns),
+            wording.kernel_side(level.kernel_side),
+            wording.level_notes(callback.notes),
         )
 
     def _generator(self):
-        all_threads = bool(self.config.get("all-threads", False))
-        at_return_only = bool(self.config.get("at-return-only", False))
+        mode = findings.ListingMode.from_options(
+            bool(self.config.get("all-threads", False)),
+            bool(self.config.get("at-return-only", False)),
+        )
         for result in self.analyse_threads(
             self.context,
             self.config["kernel"],
@@ -252,7 +264,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             tids=self.config.get("tid", None),
             progress_callback=self._progress_callback,
         ):
-            if not reason.is_listed(result.reason, all_threads, at_return_only):
+            if not mode.lists(result.reason):
                 continue
             yield 0, self._thread_row(result)
             for callback in result.callbacks:

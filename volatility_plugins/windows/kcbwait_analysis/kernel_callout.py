@@ -10,10 +10,12 @@ set are kernel stack expansions, not callouts.  The trap frame of each segment s
 chain).  The walk is bounded; structure sizes and offsets come from the symbol table.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from volatility3.framework import exceptions, interfaces
-from volatility3.plugins.windows.kcbwait_analysis import trap_frame
+from volatility3.plugins.windows.kcbwait_analysis import findings, trap_frame
 
 # 31 nested callouts plus the base stack, plus room for a few expansion segments.
 MAX_SEGMENTS = 32
@@ -67,7 +69,7 @@ def walk_segments(kernel: interfaces.context.ModuleInterface, initial_stack: int
     neither a trap frame nor a KCALLOUT_FRAME of their own.
     """
     segments: list[StackSegment] = []
-    seen = set()
+    seen: set[int] = set()
     address = initial_stack
     for _ in range(MAX_SEGMENTS):
         if not address or address in seen:
@@ -124,7 +126,7 @@ def kernel_levels(
         return []
     size = trap_frame.trap_frame_size(kernel)
     outermost_first = list(reversed(chain.segments))  # base, level 1, ..., level N
-    levels = []
+    levels: list[KernelLevel] = []
     for index in range(1, len(outermost_first)):
         segment = outermost_first[index]
         caller = outermost_first[index - 1].initial_stack - size
@@ -139,3 +141,41 @@ def kernel_levels(
             )
         )
     return levels
+
+
+@dataclass(frozen=True)
+class KernelStack:
+    """What the kernel stacks of one thread say.
+
+    ``current_trap_frame`` is the address of T(K), the trap frame of the newest segment
+    (``InitialStack - sizeof(_KTRAP_FRAME)``, the rule PspGetBaseTrapFrame follows); None when
+    the stack is not resident.  ``levels`` (outermost first) only when the chain is readable.
+    """
+
+    status: findings.KernelStackStatus
+    current_trap_frame: int | None = None
+    levels: tuple[KernelLevel, ...] = ()
+
+
+def read_kernel_stack(
+    kernel: interfaces.context.ModuleInterface,
+    initial_stack: int | None,
+    resident: bool | None,
+) -> KernelStack:
+    """Walks the thread's kernel stack segments unless the kernel says they are swapped out.
+
+    ``resident`` is KTHREAD.KernelStackResident (None when the table has no such bit).  A
+    swapped-out stack is not read at all: its physical pages may already belong to someone
+    else, so what they hold now is not this thread's.
+    """
+    if resident is False or not initial_stack:
+        return KernelStack(findings.KernelStackStatus.NOT_RESIDENT)
+    chain = walk_segments(kernel, initial_stack)
+    if not chain.segments:
+        return KernelStack(findings.KernelStackStatus.NOT_RESIDENT)
+    current = chain.segments[0].initial_stack - trap_frame.trap_frame_size(kernel)
+    if not chain.complete:
+        return KernelStack(findings.KernelStackStatus.BROKEN, current)
+    return KernelStack(
+        findings.KernelStackStatus.READABLE, current, tuple(kernel_levels(kernel, chain))
+    )

@@ -1,5 +1,7 @@
 """Per-image facts read from the kernel once per run: dispatcher address, enum names, 64-bitness."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 from volatility3.framework import constants, exceptions, interfaces, symbols
@@ -7,6 +9,9 @@ from volatility3.framework.layers import intel
 
 KTHREAD_STATE_ENUMS = ("_KTHREAD_STATE", "KTHREAD_STATE")
 KWAIT_REASON_ENUMS = ("_KWAIT_REASON", "KWAIT_REASON")
+# KTHREAD.KernelStackResident (a ThreadFlags bit): 0 once the memory manager has swapped the
+# thread's kernel stacks out (long user-mode waits); their pages are then in the page file.
+RESIDENT_MEMBER = "KernelStackResident"
 
 
 def is_64bit_kernel(
@@ -67,6 +72,23 @@ def kernel_dispatcher_address(
     return None
 
 
+def kernel_dispatcher_return(
+    context: interfaces.context.ContextInterface, kernel: interfaces.context.ModuleInterface
+) -> int | None:
+    """Where a callback handler returns into KiUserCallbackDispatcher, as the kernel records
+    it: ``_PS_NTDLL_EXPORTS.KiUserCallbackDispatcherReturn`` (20348 and later), else None."""
+    if not (kernel.has_symbol("PsNtdllExports") and kernel.has_type("_PS_NTDLL_EXPORTS")):
+        return None
+    if not kernel.get_type("_PS_NTDLL_EXPORTS").has_member("KiUserCallbackDispatcherReturn"):
+        return None
+    address = kernel.get_symbol("PsNtdllExports").address
+    try:
+        exports = kernel.object(object_type="_PS_NTDLL_EXPORTS", offset=address)
+        return int(exports.KiUserCallbackDispatcherReturn) or None
+    except exceptions.InvalidAddressException:
+        return None
+
+
 def nesting_level_member(kernel: interfaces.context.ModuleInterface) -> str | None:
     """The KTHREAD member counting nested callbacks in this build."""
     kthread = kernel.get_type("_KTHREAD")
@@ -82,22 +104,29 @@ class KernelFacts:
 
     table_name: str
     dispatcher: int | None
+    dispatcher_return: int | None = None
     states: dict[int, str] = field(default_factory=dict)
     wait_reasons: dict[int, str] = field(default_factory=dict)
     nesting_member: str | None = None
+    resident_member: str | None = None
+    """The KTHREAD bit saying whether the kernel stack is resident (None: not in this table)."""
 
     @classmethod
     def resolve(
         cls, context: interfaces.context.ContextInterface, kernel_module_name: str
-    ) -> "KernelFacts":
+    ) -> KernelFacts:
         """Reads the facts from the kernel module named ``kernel_module_name``."""
         kernel = context.modules[kernel_module_name]
         return cls(
             table_name=kernel.symbol_table_name,
             dispatcher=kernel_dispatcher_address(context, kernel),
+            dispatcher_return=kernel_dispatcher_return(context, kernel),
             states=enum_names(kernel, KTHREAD_STATE_ENUMS),
             wait_reasons=enum_names(kernel, KWAIT_REASON_ENUMS),
             nesting_member=nesting_level_member(kernel),
+            resident_member=(
+                RESIDENT_MEMBER if kernel.get_type("_KTHREAD").has_member(RESIDENT_MEMBER) else None
+            ),
         )
 
     def type_name(self, name: str) -> str:

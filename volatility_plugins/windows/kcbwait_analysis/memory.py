@@ -6,9 +6,10 @@ hostile.  These helpers turn Volatility's ``InvalidAddressException`` (which inc
 note instead of losing the thread row, and they refuse reads larger than a fixed cap.
 """
 
+from __future__ import annotations
+
 import struct
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 from volatility3.framework import exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import read_stats
@@ -21,7 +22,7 @@ ADDRESS_LIMIT = 1 << 64
 
 T = TypeVar("T")
 
-PageSource = Callable[[int], bytes | None]
+PageSource = Callable[[int], Optional[bytes]]
 """Returns the PAGE_SIZE bytes of the page at a page-aligned address, or None if unreadable."""
 
 
@@ -34,13 +35,18 @@ def try_read(getter: Callable[[], T]) -> T | None:
 
 
 def read_bytes(
-    context: interfaces.context.ContextInterface, layer_name: str, address: int, length: int
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    address: int,
+    length: int,
+    stats: read_stats.ReadStats | None = None,
 ) -> bytes | None:
     """Reads ``length`` bytes at ``address``; None if any byte is unreadable or the request is
-    out of range."""
+    out of range.  ``stats``, when given, counts the read."""
     if length <= 0 or length > MAX_READ or address < 0 or address + length > ADDRESS_LIMIT:
         return None
-    read_stats.count_read(length)
+    if stats is not None:
+        stats.count_read(length)
     try:
         return context.layers[layer_name].read(address, length)
     except exceptions.InvalidAddressException:
@@ -48,20 +54,27 @@ def read_bytes(
 
 
 def read_u64(
-    context: interfaces.context.ContextInterface, layer_name: str, address: int
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    address: int,
+    stats: read_stats.ReadStats | None = None,
 ) -> int | None:
     """Reads one little-endian qword (x64 pointers are 8 bytes)."""
-    data = read_bytes(context, layer_name, address, 8)
+    data = read_bytes(context, layer_name, address, 8, stats)
     if data is None:
         return None
     return struct.unpack("<Q", data)[0]
 
 
-def layer_page_source(context: interfaces.context.ContextInterface, layer_name: str) -> PageSource:
+def layer_page_source(
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    stats: read_stats.ReadStats | None = None,
+) -> PageSource:
     """A PageSource backed by a Volatility layer."""
 
     def page(address: int) -> bytes | None:
-        return read_bytes(context, layer_name, address, PAGE_SIZE)
+        return read_bytes(context, layer_name, address, PAGE_SIZE, stats)
 
     return page
 

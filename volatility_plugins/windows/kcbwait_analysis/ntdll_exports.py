@@ -12,11 +12,14 @@ ntdll is mapped at the same base in every process of a boot, so these facts are 
 (base, path) by the caller's cache, never per thread.
 """
 
+from __future__ import annotations
+
 import struct
 from dataclasses import dataclass
+from typing import Tuple
 
 from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import pe_exports
+from volatility3.plugins.windows.kcbwait_analysis import pe_exports, read_stats
 
 NTDLL_NAME = "ntdll.dll"
 CALLBACK_RETURN_EXPORTS = ("NtCallbackReturn", "ZwCallbackReturn")
@@ -31,7 +34,7 @@ RUNTIME_FUNCTION_SIZE = 12
 # ntdll's .pdata is ~0x10000-0x20000 bytes; anything above this is corrupt.
 MAX_EXCEPTION_DIRECTORY = 0x80000
 
-AddressRange = tuple[int, int]
+AddressRange = Tuple[int, int]
 """Half-open [start, end) range of virtual addresses."""
 
 
@@ -91,7 +94,10 @@ def dispatcher_function_range(
 
 
 def read_exception_directory(
-    context: interfaces.context.ContextInterface, layer_name: str, base: int
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    stats: read_stats.ReadStats | None = None,
 ) -> bytes | None:
     """Reads the .pdata (IMAGE_DIRECTORY_ENTRY_EXCEPTION) of the image at ``base``.
 
@@ -99,14 +105,14 @@ def read_exception_directory(
     headers are unreadable or invalid, or the exception directory is absent, larger than
     MAX_EXCEPTION_DIRECTORY or outside the image.  Only the directory's own bytes are read.
     """
-    headers, _problem = pe_exports.read_headers(context, layer_name, base)
+    headers, _problem = pe_exports.read_headers(context, layer_name, base, stats)
     if headers is None:
         return None
     directory = headers.exception
     if not pe_exports.directory_in_image(headers, directory, MAX_EXCEPTION_DIRECTORY):
         return None
     buffer = bytearray(directory.size)
-    pe_exports.read_pages_into(context, layer_name, base + directory.rva, buffer)
+    pe_exports.read_pages_into(context, layer_name, base + directory.rva, buffer, stats)
     return bytes(buffer)
 
 
@@ -120,8 +126,21 @@ class NtdllFacts:
     dispatcher: int | None
     dispatcher_range: AddressRange | None
     exports_problem: str | None = None
+    dispatcher_return: int | None = None
+    """_PS_NTDLL_EXPORTS.KiUserCallbackDispatcherReturn (20348 and later)."""
     """None, pe_exports.UNREADABLE, or pe_exports.INVALID when the export directory is unusable
     or names neither NtCallbackReturn nor ZwCallbackReturn (at-return cannot be decided)."""
+
+
+def is_dispatcher_return(facts: NtdllFacts, value: int) -> bool | None:
+    """Whether ``value`` (the qword below a UCALLOUT_FRAME) returns into the dispatcher; None
+    when neither the kernel nor ntdll says where the dispatcher is."""
+    if facts.dispatcher_return is not None and value == facts.dispatcher_return:
+        return True
+    if facts.dispatcher_range is None:
+        return None
+    low, high = facts.dispatcher_range
+    return low <= value < high
 
 
 def build_facts(
@@ -131,6 +150,7 @@ def build_facts(
     pdata: bytes | None,
     kernel_dispatcher: int | None,
     exports_problem: str | None = None,
+    kernel_dispatcher_return: int | None = None,
 ) -> NtdllFacts:
     """Combines one ntdll image's exports and .pdata with the kernel's dispatcher address.
 
@@ -159,4 +179,5 @@ def build_facts(
         dispatcher=dispatcher,
         dispatcher_range=dispatcher_range,
         exports_problem=exports_problem,
+        dispatcher_return=kernel_dispatcher_return,
     )

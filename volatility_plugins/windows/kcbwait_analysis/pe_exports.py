@@ -16,6 +16,8 @@ MAX_EXPORT_NAME, ordinal beyond the address table, RVA 0 or beyond SizeOfImage, 
 left out and the rest of the table is kept.
 """
 
+from __future__ import annotations
+
 import bisect
 import struct
 from collections.abc import Iterable
@@ -60,7 +62,7 @@ class ModuleExports:
     by_name: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_pairs(cls, base: int, pairs: Iterable[tuple[str, int]]) -> "ModuleExports":
+    def from_pairs(cls, base: int, pairs: Iterable[tuple[str, int]]) -> ModuleExports:
         """Builds the table from (name, absolute address) pairs."""
         by_name: dict[str, int] = {}
         first_name: dict[int, str] = {}
@@ -175,7 +177,8 @@ def parse_export_directory(
     )
     end = start + len(directory)
     pairs: list[tuple[str, int]] = []
-    for name_rva, ordinal in zip(names, ordinals, strict=True):
+    # Both arrays hold names_count entries (unpacked above).
+    for name_rva, ordinal in zip(names, ordinals):
         if ordinal >= functions_count:
             continue
         function_rva = functions[ordinal]
@@ -192,6 +195,7 @@ def read_pages_into(
     layer_name: str,
     address: int,
     buffer: bytearray,
+    stats: read_stats.ReadStats | None = None,
 ) -> bool:
     """Fills ``buffer`` with the bytes at ``address`` page by page.
 
@@ -200,7 +204,7 @@ def read_pages_into(
     cursor = 0
     while cursor < len(buffer):
         page_end = min(len(buffer), cursor + memory.PAGE_SIZE - ((address + cursor) & 0xFFF))
-        data = memory.read_bytes(context, layer_name, address + cursor, page_end - cursor)
+        data = memory.read_bytes(context, layer_name, address + cursor, page_end - cursor, stats)
         if data is None:
             complete = False
         else:
@@ -227,10 +231,13 @@ class ExportsRead:
 
 
 def read_headers(
-    context: interfaces.context.ContextInterface, layer_name: str, base: int
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    stats: read_stats.ReadStats | None = None,
 ) -> tuple[ImageHeaders | None, str | None]:
     """The image's headers, or None and UNREADABLE / INVALID."""
-    header = memory.read_bytes(context, layer_name, base, HEADER_SIZE)
+    header = memory.read_bytes(context, layer_name, base, HEADER_SIZE, stats)
     if header is None:
         return None, UNREADABLE
     headers = parse_headers(header)
@@ -240,13 +247,16 @@ def read_headers(
 
 
 def read_module_exports(
-    context: interfaces.context.ContextInterface, layer_name: str, base: int
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    stats: read_stats.ReadStats | None = None,
 ) -> ExportsRead:
     """Reads and parses the export table of the image mapped at ``base`` in ``layer_name``.
 
     UNREADABLE lets the caller try another process's copy of the same image.
     """
-    headers, problem = read_headers(context, layer_name, base)
+    headers, problem = read_headers(context, layer_name, base, stats)
     if headers is None:
         return ExportsRead(None, problem)
     export = headers.export
@@ -255,8 +265,9 @@ def read_module_exports(
     if not directory_in_image(headers, export, MAX_EXPORT_DIRECTORY):
         return ExportsRead(None, INVALID)
     directory = bytearray(export.size)
-    read_stats.count_export_parse(base)
-    if not read_pages_into(context, layer_name, base + export.rva, directory):
+    if stats is not None:
+        stats.count_export_parse(base)
+    if not read_pages_into(context, layer_name, base + export.rva, directory, stats):
         return ExportsRead(None, UNREADABLE)
     try:
         return ExportsRead(

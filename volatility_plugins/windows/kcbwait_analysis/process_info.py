@@ -12,9 +12,12 @@ process's memory is used).  Every cache is bounded, so a hostile image with huge
 module lists costs bounded memory.
 """
 
+from __future__ import annotations
+
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Tuple
 
 from volatility3.framework import exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import (
@@ -22,6 +25,7 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     memory,
     ntdll_exports,
     pe_exports,
+    read_stats,
     results,
     symbolizer,
     text,
@@ -41,7 +45,7 @@ MAX_CACHED_IMAGES = 0x1000
 # EPROCESS.ImageFileName is UCHAR[15].
 IMAGE_FILE_NAME_LENGTH = 15
 
-ImageKey = tuple[int, str]
+ImageKey = Tuple[int, str]
 Fingerprint = tuple
 """(base, path, physical pages of headers, export and exception directories in one layer)."""
 
@@ -68,18 +72,26 @@ class ProcessInfo:
 
 
 def _image_file_name(
-    context: interfaces.context.ContextInterface, proc: interfaces.objects.ObjectInterface
+    context: interfaces.context.ContextInterface,
+    proc: interfaces.objects.ObjectInterface,
+    stats: read_stats.ReadStats | None = None,
 ) -> str | None:
     """EPROCESS.ImageFileName exactly: its bytes up to the first NUL, as Latin-1."""
     field_object = proc.ImageFileName
     data = memory.read_bytes(
-        context, field_object.vol.layer_name, field_object.vol.offset, IMAGE_FILE_NAME_LENGTH
+        context,
+        field_object.vol.layer_name,
+        field_object.vol.offset,
+        IMAGE_FILE_NAME_LENGTH,
+        stats,
     )
     return None if data is None else text.latin1(data)
 
 
 def _process_summary(
-    context: interfaces.context.ContextInterface, proc: interfaces.objects.ObjectInterface
+    context: interfaces.context.ContextInterface,
+    proc: interfaces.objects.ObjectInterface,
+    stats: read_stats.ReadStats | None = None,
 ) -> results.ProcessSummary:
     unreadable = set()
     try:
@@ -87,7 +99,7 @@ def _process_summary(
     except exceptions.InvalidAddressException:
         pid = None
         unreadable.add("PID")
-    name = _image_file_name(context, proc)
+    name = _image_file_name(context, proc, stats)
     if name is None:
         unreadable.add("Process")
     try:
@@ -103,9 +115,10 @@ def read_process_info(
     facts: kernel_facts.KernelFacts,
     proc: interfaces.objects.ObjectInterface,
     module_budget: int = symbolizer.MAX_LOADER_ENTRIES,
+    stats: read_stats.ReadStats | None = None,
 ) -> ProcessInfo:
     """Builds ProcessInfo; unreadable parts are left empty, never raised."""
-    info = ProcessInfo(proc.vol.offset, _process_summary(context, proc), None)
+    info = ProcessInfo(proc.vol.offset, _process_summary(context, proc, stats), None)
     try:
         info.layer_name = proc.add_process_layer()
         peb = proc.get_peb()
@@ -117,7 +130,7 @@ def read_process_info(
     except exceptions.InvalidAddressException:
         info.kernel_callback_table = None
     info.modules, _complete = symbolizer.process_modules(
-        context, facts.table_name, peb, module_budget
+        context, facts.table_name, peb, module_budget, stats
     )
     return info
 
@@ -131,8 +144,10 @@ class ImageCatalog:
         context: interfaces.context.ContextInterface,
         facts: kernel_facts.KernelFacts,
         all_processes: Callable[[], Iterable[interfaces.objects.ObjectInterface]],
+        stats: read_stats.ReadStats | None = None,
     ) -> None:
         self._context = context
+        self.stats = stats
         self.facts = facts
         self._all_processes = all_processes
         self._infos: dict[int, ProcessInfo] = {}
@@ -149,7 +164,7 @@ class ImageCatalog:
         offset = proc.vol.offset
         if offset not in self._infos:
             budget = min(symbolizer.MAX_LOADER_ENTRIES, self._modules_left)
-            info = read_process_info(self._context, self.facts, proc, budget)
+            info = read_process_info(self._context, self.facts, proc, budget, self.stats)
             self._modules_left -= len(info.modules)
             self._infos[offset] = info
         return self._infos[offset]
@@ -194,7 +209,9 @@ class ImageCatalog:
             pages: list[tuple[int, int, str]] = []
             if layer_name is not None:
                 spans = [(module.base, pe_exports.HEADER_SIZE)]
-                headers, _problem = pe_exports.read_headers(self._context, layer_name, module.base)
+                headers, _problem = pe_exports.read_headers(
+                    self._context, layer_name, module.base, self.stats
+                )
                 if headers is not None:
                     for directory, cap in (
                         (headers.export, pe_exports.MAX_EXPORT_DIRECTORY),
@@ -224,7 +241,9 @@ class ImageCatalog:
         if key not in self._exports:
             result = pe_exports.ExportsRead(None, pe_exports.UNREADABLE)
             for layer_name in self._layers_for(module, preferred_layer):
-                attempt = pe_exports.read_module_exports(self._context, layer_name, module.base)
+                attempt = pe_exports.read_module_exports(
+                    self._context, layer_name, module.base, self.stats
+                )
                 if attempt.exports is not None:
                     result = attempt
                     break
@@ -245,7 +264,9 @@ class ImageCatalog:
 
     def _pdata(self, module: symbolizer.LoadedModule, preferred: str | None) -> bytes | None:
         for layer_name in self._layers_for(module, preferred):
-            pdata = ntdll_exports.read_exception_directory(self._context, layer_name, module.base)
+            pdata = ntdll_exports.read_exception_directory(
+                self._context, layer_name, module.base, self.stats
+            )
             if pdata is not None:
                 return pdata
         return None
@@ -263,13 +284,26 @@ class ImageCatalog:
         if module is None:
             layer_name, module = self._boot_ntdll()
         if module is None:
-            return ntdll_exports.build_facts(None, 0, None, None, self.facts.dispatcher)
+            return ntdll_exports.build_facts(
+                None,
+                0,
+                None,
+                None,
+                self.facts.dispatcher,
+                kernel_dispatcher_return=self.facts.dispatcher_return,
+            )
         key = (self.fingerprint(module, layer_name), module.size)
         if key not in self._ntdll:
             read = self.exports_read(module, layer_name)
             pdata = self._pdata(module, layer_name)
             facts = ntdll_exports.build_facts(
-                module.base, module.size, read.exports, pdata, self.facts.dispatcher, read.problem
+                module.base,
+                module.size,
+                read.exports,
+                pdata,
+                self.facts.dispatcher,
+                read.problem,
+                self.facts.dispatcher_return,
             )
             vollog.debug(
                 f"ntdll {module.path!r} at {module.base:#x}: exports "

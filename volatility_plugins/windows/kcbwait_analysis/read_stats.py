@@ -2,13 +2,16 @@
 
 They answer the performance questions an investigator (or a benchmark) asks of a run: does the
 plugin read small windows rather than whole stacks, and does it parse ntdll's export directory
-a constant number of times per image rather than once per process?  Counters live for the
-analysis in progress in this Python process (Volatility runs one plugin at a time per process);
-the plugin resets them when an analysis starts and logs them at debug level when it ends.
+a constant number of times per image rather than once per process?  One ReadStats object
+belongs to one analysis run (``KcbWait.analyse_threads`` makes it, or takes the caller's); the
+plugin logs it at debug level when the run ends.  Reads made without one are simply not
+counted.
 Reads made through Volatility's typed objects (single fields) are not counted: they are a few
 bytes each; what is counted is every read the analysis asks for by length (stack pages, frames,
 PE headers, export directories).
 """
+
+from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,21 +35,9 @@ class ReadStats:
             f"{len(self.export_parses)} image bases (at most {busiest} per base)"
         )
 
+    def count_read(self, length: int) -> None:
+        self.explicit_reads += 1
+        self.bytes_read += length
 
-STATS = ReadStats()
-
-
-def reset() -> ReadStats:
-    """Starts counting afresh for a new analysis; returns the live counters."""
-    global STATS
-    STATS = ReadStats()
-    return STATS
-
-
-def count_read(length: int) -> None:
-    STATS.explicit_reads += 1
-    STATS.bytes_read += length
-
-
-def count_export_parse(base: int) -> None:
-    STATS.export_parses[base] += 1
+    def count_export_parse(self, base: int) -> None:
+        self.export_parses[base] += 1

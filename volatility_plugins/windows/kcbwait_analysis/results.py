@@ -1,35 +1,37 @@
 """Plain result records of the analysis; the plugin only turns these into TreeGrid rows.
 
-``None`` marks an absent value; a field named in ``unreadable`` was absent because memory could
-not be read (rendered as UnreadableValue rather than NotApplicableValue).
+``None`` marks an absent value; a column named in ``unreadable`` was absent because memory could
+not be read (rendered as UnreadableValue rather than NotApplicableValue).  Verdicts and notes
+are the values of ``findings.py``; ``wording.py`` gives them the contract's words.
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from volatility3.plugins.windows.kcbwait_analysis import user_callout
+from volatility3.plugins.windows.kcbwait_analysis import callback_levels, findings
 
 
 @dataclass(frozen=True)
 class CallbackResult:
-    """One callback row: a UCALLOUT_FRAME found on the user stack (level 1 = outermost)."""
+    """One callback row: a level the kernel (or, without it, the user-stack scan) names."""
 
-    level: int
-    frame: user_callout.UcalloutFrame
+    level: callback_levels.Level
     symbol: str | None
     handler: int | None
     handler_symbol: str | None
-    kernel_side: str
-    notes: str
+    notes: findings.LevelNotes
     unreadable: frozenset[str] = frozenset()
+    """Columns whose value is absent because memory could not be read."""
 
     @property
-    def rip(self) -> int:
-        """MachineFrame.Rip: the system call this callback interrupted."""
-        return self.frame.rip
+    def number(self) -> int | None:
+        """1 = outermost; None for a fallback frame whose level is uncertain."""
+        return self.level.number
 
     @property
-    def rsp(self) -> int:
-        return self.frame.rsp
+    def kernel_side(self) -> findings.KernelSide:
+        return self.level.kernel_side
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,15 @@ class ThreadResult:
 
     process: ProcessSummary
     tid: int | None
-    reason: str
+    reason: findings.Reason
     state: str | None
     wait_reason: str | None
     nesting_level: int | None
     rip: int | None
     symbol: str | None
     rsp: int | None
-    kernel_side: str | None
-    notes: str
+    kernel_side: findings.KernelSide | None
+    notes: findings.ThreadNotes
+    kernel_stack: findings.KernelStackStatus = findings.KernelStackStatus.READABLE
     callbacks: tuple[CallbackResult, ...] = ()
     unreadable: frozenset[str] = field(default_factory=frozenset)

@@ -6,12 +6,14 @@ renderers escape what a terminal must not see, see text.py).  For a WoW64 proces
 PEB is walked: the analysis covers the 64-bit side, where system calls and callbacks happen.
 """
 
+from __future__ import annotations
+
 import itertools
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from volatility3.framework import constants, exceptions, interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports, text
+from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports, read_stats, text
 
 # docs/output-contract.md: "+0xNN" only when the nearest export is less than 0x100 bytes below.
 EXPORT_DISTANCE_LIMIT = 0x100
@@ -39,7 +41,7 @@ class LoadedModule:
         return self.base, self.path.lower()
 
 
-ExportsProvider = Callable[[LoadedModule], pe_exports.ModuleExports | None]
+ExportsProvider = Callable[[LoadedModule], Optional[pe_exports.ModuleExports]]
 
 
 def find_module(modules: Sequence[LoadedModule], address: int) -> LoadedModule | None:
@@ -88,13 +90,19 @@ class Symbolizer:
         return format_symbol(module, self._exports_provider(module), address)
 
 
-def _unicode_string(context: interfaces.context.ContextInterface, entry_field) -> str | None:
+def _unicode_string(
+    context: interfaces.context.ContextInterface,
+    entry_field,
+    stats: read_stats.ReadStats | None = None,
+) -> str | None:
     """Reads a UNICODE_STRING exactly (every UTF-16 unit of Length bytes), refusing absurd
     lengths; None when empty or unreadable."""
     length = int(entry_field.Length)
     if length > MAX_NAME_BYTES or length == 0:
         return None
-    data = memory.read_bytes(context, entry_field.vol.layer_name, int(entry_field.Buffer), length)
+    data = memory.read_bytes(
+        context, entry_field.vol.layer_name, int(entry_field.Buffer), length, stats
+    )
     if data is None:
         return None
     return text.utf16(data)
@@ -105,6 +113,7 @@ def process_modules(
     kernel_table_name: str,
     peb: interfaces.objects.ObjectInterface,
     limit: int = MAX_LOADER_ENTRIES,
+    stats: read_stats.ReadStats | None = None,
 ) -> tuple[list[LoadedModule], bool]:
     """Walks the 64-bit PEB's InLoadOrderModuleList, at most ``limit`` entries.
 
@@ -120,8 +129,8 @@ def process_modules(
             try:
                 base = int(entry.DllBase)
                 size = int(entry.SizeOfImage)
-                name = _unicode_string(context, entry.BaseDllName)
-                path = _unicode_string(context, entry.FullDllName) or name
+                name = _unicode_string(context, entry.BaseDllName, stats)
+                path = _unicode_string(context, entry.FullDllName, stats) or name
             except exceptions.InvalidAddressException:
                 continue
             if not base or not name:

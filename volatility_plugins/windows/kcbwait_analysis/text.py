@@ -11,6 +11,8 @@ escapes gives each renderer what it needs without the plugin knowing which one r
 """
 
 # Backslash is escaped too, so that an escape in the output is never ambiguous.
+from __future__ import annotations
+
 _BACKSLASH = "\\"
 
 

@@ -1,31 +1,36 @@
-"""Analyses one thread: its user-mode trap frame, its callback frames on both sides, its reason.
+"""Analyses one thread: its kernel stacks, its user-mode trap frame, its callback levels.
 
-Order of work (docs/output-contract.md, callback-machinery.md):
-1. KTHREAD.TrapFrame -> user Rip/Rsp if it is a user-mode frame; ``at-return`` when that Rip is
-   in ntdll's NtCallbackReturn/ZwCallbackReturn stub.
-2. From that Rsp, the UCALLOUT_FRAMEs on the user stack (bounded by the TEB's stack limits) and,
-   per frame, ``PEB.KernelCallbackTable[ApiNumber]``.
-3. If frames were found, the _KSTACK_CONTROL chain from KTHREAD.InitialStack, and per level the
-   KernelSide verdict.
-Unreadable memory never aborts the thread: it becomes ``unreadable: X`` notes and null cells;
-values that were read but cannot be true become ``invalid: X`` notes.
+Order of work (docs/output-contract.md, "How callback levels are found (kernel first)"):
+1. The _KSTACK_CONTROL chain from KTHREAD.InitialStack, unless KTHREAD.KernelStackResident says
+   the kernel stack is swapped out.
+2. The current trap frame T(K) at the newest segment's ``InitialStack - sizeof(_KTRAP_FRAME)``
+   -> user Rip/Rsp when it is a user-mode frame; ``at-return`` when that Rip is in ntdll's
+   NtCallbackReturn/ZwCallbackReturn stub.  KTHREAD.TrapFrame is only compared with it.
+3. One level per callout in the chain, read at the address the kernel names and checked
+   there; or, when the chain cannot be read, the user-stack scan as the fallback.
+Unreadable memory never aborts the thread: it becomes ``Unreadable`` findings and null cells;
+values that were read but cannot be true become ``Invalid`` findings.
 
 A thread is analysed in the address space of the process its own ``KTHREAD.Process`` names: a
 thread found in another process's thread list (a forged or cross-linked entry) keeps its row
-under the list's process, with a ``mismatch: KTHREAD.Process ...`` note, but its TEB, user stack
-and modules are those of its owner, so a foreign entry never reads another process's memory as
-its own.
+under the list's process, with a foreign-thread note, but its TEB, user stack and modules are
+those of its owner, so a foreign entry never reads another process's memory as its own.
 """
+
+from __future__ import annotations
+
+from typing import Callable
 
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import (
-    callback_stack,
+    callback_levels,
+    findings,
     kernel_callout,
     memory,
     ntdll_exports,
     pe_exports,
     process_info,
-    reason,
+    read_stats,
     results,
     trap_frame,
     user_callout,
@@ -36,13 +41,22 @@ POINTER_SIZE = 8
 # user32's callback table has ~0x80-0xA0 entries on Windows 10/11; an ApiNumber at or beyond
 # this cap is corrupt, and reading "table[ApiNumber]" would read unrelated memory.
 MAX_CALLBACK_TABLE_ENTRIES = 0x400
+# Pages one thread's level reads may fetch: each level needs the page or two its frame spans.
+MAX_LEVEL_PAGES = 2 * user_callout.MAX_LEVELS
+# Columns of a callback row read from the UCALLOUT_FRAME itself.
+FRAME_COLUMNS = frozenset({"Rsp", "ApiNumber", "Handler", "HandlerSymbol", "Buffer", "Length"})
 
 
 class ThreadFields:
     """The KTHREAD/ETHREAD fields the analysis reads, each read on its own so that one
     unreadable field costs only that field."""
 
-    def __init__(self, thread: interfaces.objects.ObjectInterface, nesting_member: str | None):
+    def __init__(
+        self,
+        thread: interfaces.objects.ObjectInterface,
+        nesting_member: str | None,
+        resident_member: str | None,
+    ):
         self.unreadable: set[str] = set()
         tcb = memory.try_read(lambda: thread.Tcb)
         self.tid = self._int(lambda: thread.Cid.UniqueThread, "TID")
@@ -53,6 +67,10 @@ class ThreadFields:
         self.nesting_level = None
         if tcb is not None and nesting_member is not None:
             self.nesting_level = self._int(lambda: tcb.member(nesting_member), "NestingLevel")
+        self.kernel_stack_resident: bool | None = None
+        if tcb is not None and resident_member is not None:
+            resident = self._int(lambda: tcb.member(resident_member), None)
+            self.kernel_stack_resident = None if resident is None else bool(resident)
         self.process = None
         if tcb is not None and tcb.has_member("Process"):
             self.process = self._int(lambda: tcb.Process, None)
@@ -62,7 +80,7 @@ class ThreadFields:
         if tcb is None:
             self.unreadable.update(("State", "WaitReason", "NestingLevel"))
 
-    def _int(self, getter, column: str | None) -> int | None:
+    def _int(self, getter: Callable, column: str | None) -> int | None:
         value = memory.try_read(lambda: int(getter()))
         if value is None and column is not None:
             self.unreadable.add(column)
@@ -87,6 +105,14 @@ def read_teb_limits(
         return None
 
 
+class _Findings:
+    """The unreadable/invalid facts one thread's analysis collects on its way."""
+
+    def __init__(self) -> None:
+        self.unreadable: set[findings.Unreadable] = set()
+        self.invalid: set[findings.Invalid] = set()
+
+
 class ThreadAnalyzer:
     """Analyses threads of one image; per-image facts come from an ImageCatalog."""
 
@@ -95,177 +121,264 @@ class ThreadAnalyzer:
         context: interfaces.context.ContextInterface,
         kernel_module_name: str,
         catalog: process_info.ImageCatalog,
+        stats: read_stats.ReadStats | None = None,
     ) -> None:
         self._context = context
         self._kernel = context.modules[kernel_module_name]
         self._mask = context.layers[self._kernel.layer_name].address_mask
         self._catalog = catalog
         self._facts = catalog.facts
+        self._stats = stats
 
     def _owner(
         self, listed: process_info.ProcessInfo, fields: ThreadFields
-    ) -> tuple[process_info.ProcessInfo, str | None]:
+    ) -> tuple[process_info.ProcessInfo, findings.ForeignThread | None]:
         """The process whose memory the thread's user side lives in, and the foreign-thread
-        note when that is not the process whose list holds the thread."""
+        finding when that is not the process whose list holds the thread."""
         if fields.process is None or fields.process & self._mask == listed.offset & self._mask:
             return listed, None
         owner = self._catalog.process_at(fields.process, self._mask)
         owner_pid = owner.summary.pid if owner is not None else None
-        return owner or listed, reason.foreign_thread_note(owner_pid, fields.process)
+        return owner or listed, findings.ForeignThread(owner_pid, fields.process)
 
     def analyse(
         self, listed: process_info.ProcessInfo, thread: interfaces.objects.ObjectInterface
     ) -> results.ThreadResult:
         """Full analysis of one thread found in the thread list of the process ``listed``."""
-        fields = ThreadFields(thread, self._facts.nesting_member)
+        facts = self._facts
+        fields = ThreadFields(thread, facts.nesting_member, facts.resident_member)
         info, foreign = self._owner(listed, fields)
-        unreadable: set[str] = set()
-        invalid: set[str] = set()
-
-        current = None
-        if fields.trap_frame:
-            current = trap_frame.read_trap_frame(self._kernel, fields.trap_frame)
-            if current is None:
-                unreadable.add(reason.UNREADABLE_TRAP_FRAME)
-        user_frame = current if current is not None and current.user_mode else None
+        found = _Findings()
+        stack = kernel_callout.read_kernel_stack(
+            self._kernel, fields.initial_stack, fields.kernel_stack_resident
+        )
+        user_frame, trap_frame_differs = self._current_trap_frame(stack, fields, found)
+        ntdll = self._catalog.ntdll_facts(info.ntdll, info.layer_name)
 
         at_return = False
-        frames: tuple[user_callout.UcalloutFrame, ...] = ()
         if user_frame is not None:
-            ntdll = self._catalog.ntdll_facts(info.ntdll, info.layer_name)
             if ntdll.exports_problem == pe_exports.UNREADABLE:
-                unreadable.add(reason.UNREADABLE_NTDLL_EXPORTS)
+                found.unreadable.add(findings.Unreadable.NTDLL_EXPORTS)
             elif ntdll.exports_problem == pe_exports.INVALID:
-                invalid.add(reason.INVALID_NTDLL_EXPORTS)
+                found.invalid.add(findings.Invalid.NTDLL_EXPORTS)
             at_return = ntdll_exports.address_in_ranges(
                 user_frame.rip, ntdll.callback_return_ranges
             )
-            frames = self._user_frames(info, fields, user_frame, ntdll, unreadable, invalid)
 
-        callbacks = self._callbacks(info, fields, frames, unreadable, invalid)
-        in_callback = reason.is_in_callback(fields.nesting_level, len(frames))
+        levels = self._levels(info, fields, stack, user_frame, ntdll, found)
         sym = self._catalog.symbolizer(info)
+        callbacks = tuple(self._callback(info, level, sym, found) for level in levels)
+        readable = stack.status is findings.KernelStackStatus.READABLE
+        nesting = fields.nesting_level
+        in_callback = bool(nesting) or bool(stack.levels if readable else levels)
+        if stack.status is findings.KernelStackStatus.BROKEN:
+            found.unreadable.add(findings.Unreadable.KERNEL_STACK)
+        frames_found = sum(1 for level in levels if level.is_frame)
+        notes = findings.ThreadNotes(
+            foreign=foreign,
+            kernel_stack_not_resident=stack.status is findings.KernelStackStatus.NOT_RESIDENT,
+            no_user_trap_frame=(
+                stack.status is not findings.KernelStackStatus.NOT_RESIDENT and user_frame is None
+            ),
+            trap_frame_differs=trap_frame_differs,
+            kernel_levels=(
+                findings.CountDiffers(len(stack.levels), nesting)
+                if readable and nesting is not None and len(stack.levels) != nesting
+                else None
+            ),
+            frames_found=(
+                findings.CountDiffers(frames_found, nesting)
+                if nesting is not None and frames_found != nesting
+                else None
+            ),
+            return_addresses=_distinct(
+                c.notes.return_address for c in callbacks if c.notes.return_address is not None
+            ),
+            unreadable=frozenset(found.unreadable),
+            invalid=frozenset(found.invalid),
+        )
         return results.ThreadResult(
             process=listed.summary,
             tid=fields.tid,
-            reason=reason.thread_reason(at_return, in_callback),
-            state=self._facts.states.get(fields.state) if fields.state is not None else None,
+            reason=findings.Reason(at_return, in_callback),
+            state=facts.states.get(fields.state) if fields.state is not None else None,
             wait_reason=(
-                self._facts.wait_reasons.get(fields.wait_reason)
+                facts.wait_reasons.get(fields.wait_reason)
                 if fields.wait_reason is not None
                 else None
             ),
-            nesting_level=fields.nesting_level,
+            nesting_level=nesting,
             rip=user_frame.rip if user_frame else None,
             symbol=sym.symbolize(user_frame.rip) if user_frame else None,
             rsp=user_frame.rsp if user_frame else None,
-            kernel_side=callback_stack.thread_kernel_side([c.kernel_side for c in callbacks]),
-            notes=reason.thread_notes(
-                user_frame is not None,
-                len(frames),
-                fields.nesting_level,
-                unreadable,
-                invalid,
-                foreign,
+            kernel_side=findings.thread_kernel_side(
+                tuple(level.kernel_side for level in levels), in_callback, stack.status
             ),
-            callbacks=tuple(callbacks),
+            notes=notes,
+            kernel_stack=stack.status,
+            callbacks=callbacks,
             unreadable=frozenset(fields.unreadable),
         )
 
-    def _user_frames(
+    def _current_trap_frame(
+        self, stack: kernel_callout.KernelStack, fields: ThreadFields, found: _Findings
+    ) -> tuple[trap_frame.TrapFrame | None, int | None]:
+        """T(K) when it is a user-mode frame, and KTHREAD.TrapFrame when it names another
+        address (a Running thread's KTHREAD.TrapFrame may be left over from an earlier
+        system call; the per-segment rule is the one the kernel itself follows)."""
+        if stack.current_trap_frame is None:
+            return None, None
+        current = trap_frame.read_trap_frame(self._kernel, stack.current_trap_frame)
+        if current is None:
+            found.unreadable.add(findings.Unreadable.TRAP_FRAME)
+        if current is None or not current.user_mode:
+            # A system thread has no user-mode frame, and its KTHREAD.TrapFrame is null.
+            return None, None
+        differs = None
+        if fields.trap_frame is not None and (
+            fields.trap_frame & self._mask != current.address & self._mask
+        ):
+            differs = fields.trap_frame
+        return current, differs
+
+    def _reader(self, info: process_info.ProcessInfo, max_pages: int) -> memory.PagedReader:
+        return memory.PagedReader(
+            memory.layer_page_source(self._context, info.layer_name, self._stats), max_pages
+        )
+
+    def _stack_bounds(
         self,
         info: process_info.ProcessInfo,
         fields: ThreadFields,
-        user_frame: trap_frame.TrapFrame,
-        ntdll: ntdll_exports.NtdllFacts,
-        unreadable: set[str],
-        invalid: set[str],
-    ) -> tuple[user_callout.UcalloutFrame, ...]:
-        """UCALLOUT_FRAMEs on the user stack above the current trap frame's Rsp."""
-        if info.layer_name is None:
-            unreadable.update((reason.UNREADABLE_TEB, reason.UNREADABLE_USER_STACK))
-            return ()
-        limits = read_teb_limits(self._context, self._facts.table_name, info.layer_name, fields.teb)
-        if limits is None:
-            unreadable.add(reason.UNREADABLE_TEB)
-        problem = user_callout.teb_limits_problem(user_frame.rsp, limits)
-        if problem is not None:
-            invalid.add(problem)
-        if ntdll.dispatcher_range is None:
-            # Neither the kernel nor ntdll told where KiUserCallbackDispatcher is.
-            unreadable.add(reason.UNREADABLE_NTDLL_EXPORTS)
-            return ()
-        bounds = user_callout.stack_bounds(user_frame.rsp, limits)
-        reader = memory.PagedReader(
-            memory.layer_page_source(self._context, info.layer_name),
-            user_callout.MAX_SCAN_PAGES,
+        user_frame: trap_frame.TrapFrame | None,
+        found: _Findings,
+    ) -> user_callout.StackBounds | None:
+        """The TEB's usable stack bounds, recording what is wrong with them."""
+        limits = None
+        if info.layer_name is not None:
+            limits = read_teb_limits(
+                self._context, self._facts.table_name, info.layer_name, fields.teb
+            )
+        unreadable, invalid = user_callout.teb_problems(
+            limits, user_frame.rsp if user_frame else None
         )
+        if unreadable is not None:
+            found.unreadable.add(unreadable)
+        if invalid is not None:
+            found.invalid.add(invalid)
+        return user_callout.usable_bounds(limits)
+
+    def _levels(
+        self,
+        info: process_info.ProcessInfo,
+        fields: ThreadFields,
+        stack: kernel_callout.KernelStack,
+        user_frame: trap_frame.TrapFrame | None,
+        ntdll: ntdll_exports.NtdllFacts,
+        found: _Findings,
+    ) -> tuple[callback_levels.Level, ...]:
+        """The thread's callback levels, outermost first."""
+
+        def is_return(value: int) -> bool | None:
+            return ntdll_exports.is_dispatcher_return(ntdll, value)
+
+        if stack.status is findings.KernelStackStatus.READABLE:
+            if not stack.levels:
+                return ()
+            bounds = self._stack_bounds(info, fields, user_frame, found)
+            reader = self._reader(info, MAX_LEVEL_PAGES) if info.layer_name else None
+            levels: list[callback_levels.Level] = []
+            for kernel_level in stack.levels:
+                frame = None
+                if reader is not None and kernel_level.trap_frame is not None:
+                    frame = user_callout.read_frame(reader, kernel_level.trap_frame.rsp)
+                levels.append(
+                    callback_levels.level_from_kernel(kernel_level, frame, bounds, is_return)
+                )
+            return tuple(levels)
+        # Fallback.  KTHREAD itself is resident even when its kernel stack is not, so its
+        # CallbackNestingLevel still says whether there is any callback to look for.
+        if fields.nesting_level == 0:
+            return ()
+        if info.layer_name is None:
+            found.unreadable.update((findings.Unreadable.TEB, findings.Unreadable.USER_STACK))
+            return ()
+        bounds = self._stack_bounds(info, fields, user_frame, found)
+        if bounds is None:
+            return ()
+        if ntdll.dispatcher_range is None and ntdll.dispatcher_return is None:
+            found.unreadable.add(findings.Unreadable.NTDLL_EXPORTS)
+            return ()
+        start = bounds.low
+        if user_frame is not None and bounds.low <= user_frame.rsp < bounds.high:
+            start = user_frame.rsp
         scan = user_callout.scan_callout_frames(
-            reader, user_frame.rsp, bounds, ntdll.dispatcher_range
+            self._reader(info, user_callout.MAX_SCAN_PAGES), start, bounds, is_return
         )
         if scan.unreadable:
-            unreadable.add(reason.UNREADABLE_USER_STACK)
-        return scan.frames
+            found.unreadable.add(findings.Unreadable.USER_STACK)
+        return callback_levels.levels_from_scan(scan.frames, fields.nesting_level, stack.status)
 
     def _handler(
         self, info: process_info.ProcessInfo, api_number: int
-    ) -> tuple[int | None, str | None, str | None]:
+    ) -> tuple[int | None, findings.Unreadable | None, findings.Invalid | None]:
         """(PEB.KernelCallbackTable[ApiNumber] read in the process layer, what was unreadable,
         what was invalid)."""
         if api_number >= MAX_CALLBACK_TABLE_ENTRIES:
-            return None, None, reason.INVALID_API_NUMBER
+            return None, None, findings.Invalid.API_NUMBER
         table = info.kernel_callback_table
         if info.layer_name is None or table is None:
-            return None, reason.UNREADABLE_CALLBACK_TABLE, None
+            return None, findings.Unreadable.CALLBACK_TABLE, None
         if table == 0:
-            return None, None, reason.INVALID_CALLBACK_TABLE
-        value = memory.read_u64(self._context, info.layer_name, table + POINTER_SIZE * api_number)
+            return None, None, findings.Invalid.CALLBACK_TABLE
+        value = memory.read_u64(
+            self._context, info.layer_name, table + POINTER_SIZE * api_number, self._stats
+        )
         if value is None:
-            return None, reason.UNREADABLE_CALLBACK_TABLE, None
+            return None, findings.Unreadable.CALLBACK_TABLE, None
         return value, None, None
 
-    def _callbacks(
+    def _callback(
         self,
         info: process_info.ProcessInfo,
-        fields: ThreadFields,
-        frames: tuple[user_callout.UcalloutFrame, ...],
-        unreadable: set[str],
-        invalid: set[str],
-    ) -> list[results.CallbackResult]:
-        """Callback rows for ``frames`` (outermost first), compared with the kernel side."""
-        if not frames:
-            return []
-        chain = None
-        levels: list[kernel_callout.KernelLevel] = []
-        if fields.initial_stack:
-            chain = kernel_callout.walk_segments(self._kernel, fields.initial_stack)
-            levels = kernel_callout.kernel_levels(self._kernel, chain)
-        first = callback_stack.first_level(len(frames), chain)
-        verdicts = callback_stack.compare_levels(frames, chain, levels, first)
-        sym = self._catalog.symbolizer(info)
-        rows = []
-        for index, (frame, verdict) in enumerate(zip(frames, verdicts, strict=True)):
-            level_unreadable: set[str] = set()
-            level_invalid: set[str] = set()
-            handler, handler_unreadable, handler_invalid = self._handler(info, frame.api_number)
-            if handler_unreadable:
-                level_unreadable.add(handler_unreadable)
-            if handler_invalid:
-                level_invalid.add(handler_invalid)
-            if verdict == callback_stack.UNREADABLE_KERNEL_STACK:
-                level_unreadable.add(reason.UNREADABLE_KERNEL_STACK)
-            unreadable.update(level_unreadable)
-            invalid.update(level_invalid)
-            rows.append(
-                results.CallbackResult(
-                    level=first + index,
-                    frame=frame,
-                    symbol=sym.symbolize(frame.rip),
-                    handler=handler,
-                    handler_symbol=sym.symbolize(handler),
-                    kernel_side=verdict,
-                    notes=reason.callback_notes(level_unreadable, level_invalid),
-                    unreadable=frozenset({"Handler"} if handler_unreadable else ()),
-                )
+        level: callback_levels.Level,
+        sym,
+        found: _Findings,
+    ) -> results.CallbackResult:
+        """The callback row of ``level``; its facts are also recorded for the thread row."""
+        unreadable = set(level.unreadable)
+        invalid: set[findings.Invalid] = set()
+        columns: set[str] = set()
+        handler = None
+        if level.frame is None:
+            if level.frame_address is not None:
+                columns.update(FRAME_COLUMNS)
+        else:
+            handler, handler_unreadable, handler_invalid = self._handler(
+                info, level.frame.api_number
             )
-        return rows
+            if handler_unreadable is not None:
+                unreadable.add(handler_unreadable)
+                columns.add("Handler")
+            if handler_invalid is not None:
+                invalid.add(handler_invalid)
+        found.unreadable.update(unreadable)
+        found.invalid.update(invalid)
+        return results.CallbackResult(
+            level=level,
+            symbol=sym.symbolize(level.rip),
+            handler=handler,
+            handler_symbol=sym.symbolize(handler),
+            notes=findings.LevelNotes(
+                level.return_outside_dispatcher, frozenset(unreadable), frozenset(invalid)
+            ),
+            unreadable=frozenset(columns),
+        )
+
+
+def _distinct(values) -> tuple[int, ...]:
+    out: list[int] = []
+    for value in values:
+        if value not in out:
+            out.append(value)
+    return tuple(out)

@@ -18,12 +18,14 @@ is passed over, not a dead end: its links are still followed, because a smeared 
 thread must not hide the threads listed after it.
 """
 
+from __future__ import annotations
+
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from volatility3.framework import constants, exceptions, interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory
+from volatility3.plugins.windows.kcbwait_analysis import memory, read_stats
 
 # A process's thread list is walked at most this far in each direction; no real process comes
 # close (Windows' own limit is memory), and a corrupt list could otherwise run forever.
@@ -64,9 +66,13 @@ class ThreadLister:
     """Lists the threads of processes of one kernel (offsets resolved once per image)."""
 
     def __init__(
-        self, context: interfaces.context.ContextInterface, kernel_module_name: str
+        self,
+        context: interfaces.context.ContextInterface,
+        kernel_module_name: str,
+        stats: read_stats.ReadStats | None = None,
     ) -> None:
         self._context = context
+        self._stats = stats
         self._kernel = context.modules[kernel_module_name]
         self._layer = context.layers[self._kernel.layer_name]
         self._mask = self._layer.address_mask
@@ -111,7 +117,9 @@ class ThreadLister:
         return shapes
 
     def _links(self, entry: int) -> tuple[int, int] | None:
-        data = memory.read_bytes(self._context, self._layer.name, entry, _LIST_ENTRY.size)
+        data = memory.read_bytes(
+            self._context, self._layer.name, entry, _LIST_ENTRY.size, self._stats
+        )
         if data is None:
             return None
         flink, blink = _LIST_ENTRY.unpack(data)
@@ -121,7 +129,9 @@ class ThreadLister:
         """Whether the entry's dispatcher header says ThreadObject; None if unreadable."""
         if self._type_offset is None:
             return True
-        data = memory.read_bytes(self._context, self._layer.name, ethread + self._type_offset, 1)
+        data = memory.read_bytes(
+            self._context, self._layer.name, ethread + self._type_offset, 1, self._stats
+        )
         if data is None:
             return None
         return data[0] == THREAD_OBJECT_TYPE

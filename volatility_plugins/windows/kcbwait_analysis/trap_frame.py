@@ -7,6 +7,8 @@ its Rip/Rsp are the user-mode instruction and stack pointers, its SegCs the user
 kernel's symbol table, never from constants here.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from volatility3.framework import exceptions, interfaces

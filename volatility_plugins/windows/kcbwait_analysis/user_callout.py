@@ -1,4 +1,4 @@
-"""Finding UCALLOUT_FRAMEs on a thread's user stack.
+"""UCALLOUT_FRAMEs on a thread's user stack: decoding one, and the fallback scan for them.
 
 For every active kernel-to-user callback, KeUserModeCallback builds on the user stack an x64
 UCALLOUT_FRAME (0x58 bytes) at ``(Rsp - (align16(InputLength) + 0x58)) & ~0xF``, where Rsp is the
@@ -12,18 +12,20 @@ Layout (offsets from the frame)::
     +0x00 P1Home..P4Home   +0x20 Buffer   +0x28 ULONG Length   +0x2C ULONG ApiNumber
     +0x30 MACHINE_FRAME { Rip +0x30, SegCs +0x38, EFlags +0x40, Rsp +0x48, SegSs +0x50 }
 
-Search: scan upward from the current trap frame's Rsp for a qword inside the dispatcher's
-function whose following frame passes ``frame_is_plausible``: that is the innermost level.  Its
-MachineFrame.Rsp is the Rsp of the system call the callback interrupted, made from the previous
-level's handler, so the scan for the previous level starts there.  Frames get higher (older)
-as levels get shallower; level 1, the outermost, has MachineFrame.Rsp = the thread's original
-user Rsp.
+The kernel names every live frame (``callback_levels``); the scan here is only the fallback for
+threads whose kernel stack cannot be read: from the start upward, the first frame with a
+dispatcher return address below it is the innermost level, and each frame's MachineFrame.Rsp
+(the Rsp of the system call that level interrupted, made from the previous level's handler)
+is where the search for the next outer level starts.
 """
+
+from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable, Optional
 
-from volatility3.plugins.windows.kcbwait_analysis import memory, reason
+from volatility3.plugins.windows.kcbwait_analysis import findings, memory
 
 UCALLOUT_FRAME_SIZE = 0x58
 OFFSET_BUFFER = 0x20
@@ -40,12 +42,7 @@ FRAME_ALIGNMENT = 0x10
 # The return address into KiUserCallbackDispatcher sits in the qword just below the frame.
 RETURN_SLOT_OFFSET = -8
 
-# How far above its start one level's scan looks for the next return address (the stack a
-# handler used before its system call, or the gap between two levels' frames).
-LEVEL_WINDOW = 0x40000
-# The stack extent assumed above the trap frame's Rsp when the TEB gives no usable bounds.
-TOTAL_WINDOW = 0x100000
-# Pages one thread's scan may fetch (a 2 MiB stack); scans are also bounded per level.
+# Pages one thread's fallback scan may fetch: 2 MiB, twice the default stack reserve.
 MAX_SCAN_PAGES = 0x200
 # KeUserModeCallback fails beyond 31 nested callbacks (STATUS_STACK_OVERFLOW).
 MAX_LEVELS = 32
@@ -60,15 +57,10 @@ _QWORD = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class StackBounds:
-    """The user stack [low, high): TEB NtTib.StackLimit .. NtTib.StackBase.
-
-    ``from_teb`` is False when the TEB was unusable and the bounds are only a window above the
-    trap frame's Rsp; an unreadable page then simply marks the end of the stack.
-    """
+    """The user stack [low, high): the TEB's NtTib.StackLimit .. NtTib.StackBase."""
 
     low: int
     high: int
-    from_teb: bool = True
 
     def contains_range(self, start: int, end: int) -> bool:
         return self.low <= start and end <= self.high
@@ -76,10 +68,11 @@ class StackBounds:
 
 @dataclass(frozen=True)
 class UcalloutFrame:
-    """One decoded UCALLOUT_FRAME and the return address found just below it."""
+    """One decoded UCALLOUT_FRAME and the return address found just below it (None when that
+    qword could not be read)."""
 
     address: int
-    return_address: int
+    return_address: int | None
     buffer: int
     length: int
     api_number: int
@@ -90,7 +83,7 @@ class UcalloutFrame:
     seg_ss: int
 
     @classmethod
-    def decode(cls, address: int, return_address: int, data: bytes) -> "UcalloutFrame":
+    def decode(cls, address: int, return_address: int | None, data: bytes) -> UcalloutFrame:
         """Decodes the 0x58 bytes of a frame located at ``address``."""
         if len(data) < UCALLOUT_FRAME_SIZE:
             raise ValueError("a UCALLOUT_FRAME is 0x58 bytes")
@@ -110,13 +103,13 @@ class UcalloutFrame:
         )
 
 
-def frame_is_plausible(frame: UcalloutFrame, bounds: StackBounds) -> bool:
-    """Structural checks a genuine frame always passes, whatever its field values mean.
+def is_ucallout_frame(frame: UcalloutFrame, stack_top: int | None) -> bool:
+    """The structure every genuine frame has, whatever its field values mean.
 
-    * the frame is 16-byte aligned (``& ~0xF`` in KeUserModeCallback);
-    * the return slot and the whole frame lie inside the user stack;
+    * 16-byte aligned (``& ~0xF`` in KeUserModeCallback);
     * the input copied after the frame fits below the interrupted Rsp:
-      ``frame + 0x58 + Length <= MachineFrame.Rsp``, and that Rsp is inside the stack.
+      ``frame + 0x58 + Length <= MachineFrame.Rsp``, and that Rsp is not above the stack top
+      (the TEB's StackBase, when usable).
 
     MachineFrame.Rip, SegCs, EFlags and SegSs are not checked: KeUserModeCallback only stores
     Rip and Rsp, so the others hold whatever the stack held (WRK callback.c), and a wrong Rip is
@@ -124,45 +117,52 @@ def frame_is_plausible(frame: UcalloutFrame, bounds: StackBounds) -> bool:
     """
     if frame.address % FRAME_ALIGNMENT:
         return False
-    frame_end = frame.address + UCALLOUT_FRAME_SIZE
-    if not bounds.contains_range(frame.address + RETURN_SLOT_OFFSET, frame_end):
+    if frame.address + UCALLOUT_FRAME_SIZE + frame.length > frame.rsp:
         return False
-    return frame_end + frame.length <= frame.rsp <= bounds.high
+    return stack_top is None or frame.rsp <= stack_top
 
 
-def scan_for_frame(
-    reader: memory.PagedReader,
-    start: int,
-    end: int,
-    bounds: StackBounds,
-    dispatcher_range: tuple[int, int],
+def read_frame(reader: memory.PagedReader, address: int) -> UcalloutFrame | None:
+    """The frame at ``address`` and the qword below it, or None if the frame is unreadable."""
+    raw = reader.read(address, UCALLOUT_FRAME_SIZE)
+    if raw is None:
+        return None
+    slot = reader.read(address + RETURN_SLOT_OFFSET, 8)
+    return_address = _QWORD.unpack(slot)[0] if slot is not None else None
+    return UcalloutFrame.decode(address, return_address, raw)
+
+
+ReturnCheck = Callable[[int], Optional[bool]]
+"""True when a qword is a return address into KiUserCallbackDispatcher (None: unknown)."""
+
+
+def _scan_for_frame(
+    reader: memory.PagedReader, start: int, bounds: StackBounds, is_return: ReturnCheck
 ) -> UcalloutFrame | None:
-    """Finds the lowest plausible frame whose return slot lies in [start, end).
-
-    Reads page by page.  Within TEB bounds an unreadable page is skipped (and flagged on
-    ``reader``); without them it ends the search, as the end of the mapped stack would.
-    """
-    low, high = dispatcher_range
+    """The lowest candidate whose return slot lies in [start, bounds.high): unreadable pages
+    are skipped (``reader`` remembers them); a spent page budget ends the search."""
     cursor = (start + 7) & ~7
-    while cursor < end:
+    while cursor < bounds.high:
         page_base = cursor & ~(memory.PAGE_SIZE - 1)
-        page_end = min(end, page_base + memory.PAGE_SIZE)
+        page_end = min(bounds.high, page_base + memory.PAGE_SIZE)
         data = reader.page(cursor)
         if data is None:
-            if not bounds.from_teb:
+            if reader.exhausted:
                 return None
             cursor = page_end
             continue
         for slot in range(cursor, page_end - 7, 8):
             (value,) = _QWORD.unpack_from(data, slot - page_base)
-            if not low <= value < high:
+            if not is_return(value):
                 continue
-            frame_address = slot - RETURN_SLOT_OFFSET
-            raw = reader.read(frame_address, UCALLOUT_FRAME_SIZE)
+            address = slot - RETURN_SLOT_OFFSET
+            if not bounds.contains_range(slot, address + UCALLOUT_FRAME_SIZE):
+                continue
+            raw = reader.read(address, UCALLOUT_FRAME_SIZE)
             if raw is None:
                 continue
-            frame = UcalloutFrame.decode(frame_address, value, raw)
-            if frame_is_plausible(frame, bounds):
+            frame = UcalloutFrame.decode(address, value, raw)
+            if is_ucallout_frame(frame, bounds.high):
                 return frame
         cursor = page_end
     return None
@@ -170,40 +170,35 @@ def scan_for_frame(
 
 @dataclass(frozen=True)
 class ScanResult:
-    """Frames found on one user stack, outermost (level 1) first."""
+    """Frames the fallback scan found, outermost first; ``unreadable`` when a page inside the
+    TEB's bounds could not be read."""
 
     frames: tuple[UcalloutFrame, ...]
     unreadable: bool
 
 
 def scan_callout_frames(
-    reader: memory.PagedReader,
-    start_rsp: int,
-    bounds: StackBounds,
-    dispatcher_range: tuple[int, int],
-    level_window: int = LEVEL_WINDOW,
+    reader: memory.PagedReader, start: int, bounds: StackBounds, is_return: ReturnCheck
 ) -> ScanResult:
-    """Finds the chain of UCALLOUT_FRAMEs above ``start_rsp`` (the current trap frame's Rsp).
+    """The chain of UCALLOUT_FRAMEs from ``start`` upward (docs/output-contract.md, "Fallback").
 
-    The innermost frame is the first plausible one above ``start_rsp``; each frame's
-    MachineFrame.Rsp is where the scan for the next outer level starts.  Every scan stays in
-    ``bounds`` and covers at most ``level_window`` bytes; at most MAX_LEVELS frames are chained.
+    The innermost frame is the lowest candidate at or above ``start``; each frame's
+    MachineFrame.Rsp is where the search for the next outer one starts.  At most MAX_LEVELS
+    frames, at most the reader's page budget.
     """
     found: list[UcalloutFrame] = []
-    cursor = max(start_rsp, bounds.low)
+    cursor = max(start, bounds.low)
     for _ in range(MAX_LEVELS):
-        end = min(bounds.high, cursor + level_window)
-        if cursor >= end:
+        if cursor >= bounds.high:
             break
-        frame = scan_for_frame(reader, cursor, end, bounds, dispatcher_range)
+        frame = _scan_for_frame(reader, cursor, bounds, is_return)
         if frame is None:
             break
         found.append(frame)
-        # frame_is_plausible guarantees rsp > frame, so every step moves strictly upward.
+        # is_ucallout_frame guarantees rsp > frame, so every step moves strictly upward.
         cursor = frame.rsp
     found.reverse()
-    # Without the TEB's bounds an unreadable page is just the end of the stack, not a gap.
-    return ScanResult(tuple(found), reader.unreadable and bounds.from_teb)
+    return ScanResult(tuple(found), reader.unreadable)
 
 
 def teb_limits_valid(teb_limits: tuple[int, int]) -> bool:
@@ -212,23 +207,22 @@ def teb_limits_valid(teb_limits: tuple[int, int]) -> bool:
     return 0 < limit < base <= USER_SPACE_END and base - limit <= MAX_STACK_SPAN
 
 
-def teb_limits_problem(start_rsp: int, teb_limits: tuple[int, int] | None) -> str | None:
-    """Why the TEB's limits cannot bound the scan (an ``invalid: X`` item), or None when they
-    can or were not read at all (that is ``unreadable: TEB``)."""
-    if teb_limits is None:
+def usable_bounds(teb_limits: tuple[int, int] | None) -> StackBounds | None:
+    """The TEB's [StackLimit, StackBase) when they were read and can be true."""
+    if teb_limits is None or not teb_limits_valid(teb_limits):
         return None
-    if not teb_limits_valid(teb_limits):
-        return reason.INVALID_STACK_BOUNDS
-    limit, base = teb_limits
-    if not limit <= start_rsp < base:
-        return reason.INVALID_RSP
-    return None
+    return StackBounds(*teb_limits)
 
 
-def stack_bounds(start_rsp: int, teb_limits: tuple[int, int] | None) -> StackBounds:
-    """Bounds for scanning: the TEB's [StackLimit, StackBase) when they are valid and contain
-    ``start_rsp``, else a TOTAL_WINDOW span above ``start_rsp``."""
-    if teb_limits is not None and teb_limits_problem(start_rsp, teb_limits) is None:
-        limit, base = teb_limits
-        return StackBounds(limit, base, True)
-    return StackBounds(start_rsp, start_rsp + TOTAL_WINDOW, False)
+def teb_problems(
+    teb_limits: tuple[int, int] | None, rsp: int | None
+) -> tuple[findings.Unreadable | None, findings.Invalid | None]:
+    """What is wrong with the TEB's stack limits for a thread whose user Rsp is ``rsp``."""
+    if teb_limits is None:
+        return findings.Unreadable.TEB, None
+    bounds = usable_bounds(teb_limits)
+    if bounds is None:
+        return None, findings.Invalid.STACK_BOUNDS
+    if rsp is not None and not bounds.low <= rsp < bounds.high:
+        return None, findings.Invalid.RSP_OUTSIDE_STACK
+    return None, None

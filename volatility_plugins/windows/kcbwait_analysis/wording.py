@@ -1,0 +1,137 @@
+"""The exact texts of docs/output-contract.md for the analysis' findings.
+
+Only the plugins' row rendering calls this module; the analysis itself works with the values
+of ``findings.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from volatility3.plugins.windows.kcbwait_analysis import findings
+
+NOTE_SEPARATOR = "; "
+
+AT_RETURN = "at-return"
+IN_CALLBACK = "in-callback"
+NONE = "none"
+CALLBACK = "callback"
+
+_UNREADABLE = {
+    findings.Unreadable.TRAP_FRAME: "trap frame",
+    findings.Unreadable.TEB: "TEB",
+    findings.Unreadable.USER_STACK: "user stack",
+    findings.Unreadable.CALLBACK_TABLE: "KernelCallbackTable",
+    findings.Unreadable.NTDLL_EXPORTS: "ntdll exports",
+    findings.Unreadable.KERNEL_STACK: "kernel stack",
+}
+_INVALID = {
+    findings.Invalid.STACK_BOUNDS: "TEB stack bounds",
+    findings.Invalid.RSP_OUTSIDE_STACK: "Rsp outside the TEB stack",
+    findings.Invalid.CALLBACK_TABLE: "KernelCallbackTable",
+    findings.Invalid.API_NUMBER: "ApiNumber",
+    findings.Invalid.NTDLL_EXPORTS: "ntdll exports",
+}
+_UNREADABLE_SIDE = {
+    findings.UnreadableSide.USER_STACK: "user stack",
+    findings.UnreadableSide.KERNEL_STACK: "kernel stack",
+    findings.UnreadableSide.KERNEL_STACK_NOT_RESIDENT: "kernel stack not resident",
+}
+
+
+def reason(value: findings.Reason) -> str:
+    """``at-return``, ``in-callback``, ``at-return+in-callback`` or ``none``."""
+    if value.at_return and value.in_callback:
+        return f"{AT_RETURN}+{IN_CALLBACK}"
+    if value.at_return:
+        return AT_RETURN
+    if value.in_callback:
+        return IN_CALLBACK
+    return NONE
+
+
+def difference(item: findings.Difference) -> str:
+    if isinstance(item, findings.FrameOutsideStack):
+        return f"Frame {item.frame:#x} outside the TEB stack"
+    if isinstance(item, findings.NotAFrame):
+        return f"Frame {item.frame:#x} is not a UCALLOUT_FRAME"
+    if isinstance(item, findings.RipDiffers):
+        return (
+            f"trap frame Rip {item.trap_frame_rip:#x} != MachineFrame.Rip "
+            f"{item.machine_frame_rip:#x}"
+        )
+    return (
+        f"KCALLOUT_FRAME.TrapFrame {item.kcallout_trap_frame:#x} != trap frame {item.trap_frame:#x}"
+    )
+
+
+def kernel_side(value: findings.KernelSide | None, thread_row: bool = False) -> str | None:
+    """A level's ``agrees`` / ``mismatch: ...`` / ``unreadable: ...``; on a thread row a
+    mismatch is the bare word (its levels say what differs)."""
+    if value is None:
+        return None
+    if value.verdict is findings.Verdict.AGREES:
+        return "agrees"
+    if value.verdict is findings.Verdict.MISMATCH:
+        if thread_row or not value.differences:
+            return "mismatch"
+        return "mismatch: " + ", ".join(difference(d) for d in value.differences)
+    side = value.unreadable or findings.UnreadableSide.KERNEL_STACK
+    return f"unreadable: {_UNREADABLE_SIDE[side]}"
+
+
+def _ordered(items: Iterable[findings.Unreadable], table: dict, prefix: str) -> list[str]:
+    # Enum declaration order is the contract's note order.
+    ordered = sorted(set(items), key=lambda item: item.value)
+    return [f"{prefix}: {table[item]}" for item in ordered]
+
+
+def _fact_notes(
+    unreadable: Iterable[findings.Unreadable], invalid: Iterable[findings.Invalid]
+) -> list[str]:
+    return _ordered(unreadable, _UNREADABLE, "unreadable") + _ordered(invalid, _INVALID, "invalid")
+
+
+def return_address_note(value: int) -> str:
+    return f"return address {value:#x} not in KiUserCallbackDispatcher"
+
+
+def foreign_note(foreign: findings.ForeignThread) -> str:
+    if foreign.owner_pid is not None:
+        return f"mismatch: KTHREAD.Process is PID {foreign.owner_pid}"
+    return f"mismatch: KTHREAD.Process {foreign.owner_address:#x} is not a listed process"
+
+
+def thread_notes(notes: findings.ThreadNotes) -> str:
+    """The thread row's Notes, in the contract's order, or ``""``."""
+    out = []
+    if notes.foreign is not None:
+        out.append(foreign_note(notes.foreign))
+    if notes.kernel_stack_not_resident:
+        out.append("kernel stack not resident")
+    if notes.no_user_trap_frame:
+        out.append("no user-mode trap frame")
+    if notes.trap_frame_differs is not None:
+        out.append(f"KTHREAD.TrapFrame differs: {notes.trap_frame_differs:#x}")
+    if notes.kernel_levels is not None:
+        out.append(
+            f"kernel callout levels: {notes.kernel_levels.found}, "
+            f"CallbackNestingLevel: {notes.kernel_levels.nesting_level}"
+        )
+    if notes.frames_found is not None:
+        out.append(
+            f"callback frames found: {notes.frames_found.found}, "
+            f"CallbackNestingLevel: {notes.frames_found.nesting_level}"
+        )
+    out.extend(return_address_note(value) for value in notes.return_addresses)
+    out.extend(_fact_notes(notes.unreadable, notes.invalid))
+    return NOTE_SEPARATOR.join(out)
+
+
+def level_notes(notes: findings.LevelNotes) -> str:
+    """A callback row's Notes: the facts about that level only."""
+    out = []
+    if notes.return_address is not None:
+        out.append(return_address_note(notes.return_address))
+    out.extend(_fact_notes(notes.unreadable, notes.invalid))
+    return NOTE_SEPARATOR.join(out)
