@@ -29,15 +29,16 @@ for _name in [m for m in sys.modules if m.startswith("volatility3.plugins.window
     del sys.modules[_name]
 
 from volatility3.plugins.windows.kcbwait_analysis import (  # noqa: E402
-    callback_stack,
+    callback_levels,
+    findings,
     kernel_callout,
     memory,
     ntdll_exports,
     pe_exports,
-    reason,
     symbolizer,
     trap_frame,
     user_callout,
+    wording,
 )
 
 PAGE = memory.PAGE_SIZE
@@ -252,6 +253,11 @@ def test_symbolizer_without_exports_or_module():
 
 DISPATCHER = (BASE + 0x9000, BASE + 0x9060)
 STACK_LOW, STACK_HIGH = 0x5000_0000, 0x5001_0000
+BOUNDS = user_callout.StackBounds(STACK_LOW, STACK_HIGH)
+
+
+def is_return(value):
+    return DISPATCHER[0] <= value < DISPATCHER[1]
 
 
 class FakeStack:
@@ -264,7 +270,7 @@ class FakeStack:
     def qword(self, address, value):
         struct.pack_into("<Q", self.data, address - STACK_LOW, value)
 
-    def frame(self, address, *, rip, rsp, length, api, return_address=DISPATCHER[0] + 0x20):
+    def frame(self, address, *, rip, rsp, length, api, return_address=DISPATCHER[0] + 0x24):
         """Lays out a UCALLOUT_FRAME at ``address`` the way KeUserModeCallback does."""
         self.qword(address - 8, return_address)
         struct.pack_into("<QII", self.data, address - STACK_LOW + 0x20, address + 0x58, length, api)
@@ -278,8 +284,8 @@ class FakeStack:
         offset = address - STACK_LOW
         return bytes(self.data[offset : offset + PAGE])
 
-    def reader(self):
-        return memory.PagedReader(self.page)
+    def reader(self, max_pages=512):
+        return memory.PagedReader(self.page, max_pages)
 
 
 def callout_frame_address(rsp, length):
@@ -305,8 +311,7 @@ def nested_stack():
 def test_scan_finds_nested_frames_outermost_first():
     stack, current_rsp, frame1, frame2 = nested_stack()
     assert (frame1, frame2) == (0x5000_F780, 0x5000_E080)
-    bounds = user_callout.StackBounds(STACK_LOW, STACK_HIGH)
-    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, bounds, DISPATCHER)
+    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, BOUNDS, is_return)
     assert [f.address for f in result.frames] == [frame1, frame2]
     assert not result.unreadable
     outer, inner = result.frames
@@ -323,56 +328,76 @@ def test_scan_finds_nested_frames_outermost_first():
         0x7FF0_2014,
         0x5000_E100,
     )
-    assert (inner.seg_cs, inner.return_address) == (0x33, DISPATCHER[0] + 0x20)
+    assert (inner.seg_cs, inner.return_address) == (0x33, DISPATCHER[0] + 0x24)
 
 
-def test_scan_ignores_stale_frames_below_rsp_and_implausible_candidates():
+def test_scan_skips_what_is_not_a_frame_and_starts_where_told():
     stack, current_rsp, frame1, frame2 = nested_stack()
-    # A stale frame below the current Rsp (already popped) must not be found.
+    # A stale frame below the start (already popped) is not found when the scan starts at Rsp...
     stale = current_rsp - 0x100
     stack.frame(stale, rip=1, rsp=current_rsp + 0x40, length=8, api=1)
-    # A dispatcher-looking qword whose "frame" would hold input past its Rsp: rejected.
+    # ... a dispatcher-looking qword whose "frame" would hold input past its Rsp is rejected ...
     bogus = current_rsp + 0x40
     stack.frame(bogus, rip=1, rsp=bogus + 0x60, length=0x100, api=1)
-    # A misaligned candidate: rejected.
+    # ... and so is a misaligned candidate.
     stack.qword(current_rsp + 0x10, DISPATCHER[0] + 4)
-    bounds = user_callout.StackBounds(STACK_LOW, STACK_HIGH)
-    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, bounds, DISPATCHER)
+    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, BOUNDS, is_return)
     assert [f.address for f in result.frames] == [frame1, frame2]
+    # From StackLimit (the swapped-out case: no trap frame Rsp), the stale frame comes first
+    # and chains into the live ones: three frames for two levels.
+    result = user_callout.scan_callout_frames(stack.reader(), STACK_LOW, BOUNDS, is_return)
+    assert [f.address for f in result.frames] == [frame1, frame2, stale]
 
 
-def test_frame_plausibility_rules():
-    bounds = user_callout.StackBounds(STACK_LOW, STACK_HIGH)
+def test_scan_page_budget_and_unreadable_pages():
+    stack, current_rsp, frame1, _frame2 = nested_stack()
+    stack.unreadable_pages.add(0x5000_E000)  # hides level 2's frame
+    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, BOUNDS, is_return)
+    assert result.unreadable
+    assert [f.address for f in result.frames] == [frame1]
+    stack.unreadable_pages.clear()
+    # One page of budget: the scan stops quietly after the page it started on.
+    result = user_callout.scan_callout_frames(stack.reader(1), current_rsp, BOUNDS, is_return)
+    assert result.frames == () and not result.unreadable
 
+
+def test_ucallout_frame_structure():
     def frame(address, length, rsp):
         return user_callout.UcalloutFrame(address, DISPATCHER[0], 0, length, 0, 0, 0, 0, rsp, 0)
 
-    assert user_callout.frame_is_plausible(frame(0x5000_1000, 0x10, 0x5000_1068), bounds)
-    assert not user_callout.frame_is_plausible(frame(0x5000_1008, 0x10, 0x5000_1068), bounds)
-    assert not user_callout.frame_is_plausible(frame(0x5000_1000, 0x11, 0x5000_1068), bounds)
-    assert not user_callout.frame_is_plausible(frame(0x5000_1000, 0, STACK_HIGH + 8), bounds)
-    assert not user_callout.frame_is_plausible(frame(STACK_LOW, 0, STACK_LOW + 0x100), bounds)
+    top = STACK_HIGH
+    assert user_callout.is_ucallout_frame(frame(0x5000_1000, 0x10, 0x5000_1068), top)
+    assert not user_callout.is_ucallout_frame(frame(0x5000_1008, 0x10, 0x5000_1068), top)
+    assert not user_callout.is_ucallout_frame(frame(0x5000_1000, 0x11, 0x5000_1068), top)
+    assert not user_callout.is_ucallout_frame(frame(0x5000_1000, 0, STACK_HIGH + 8), top)
+    assert user_callout.is_ucallout_frame(frame(0x5000_1000, 0, STACK_HIGH + 8), None)
+    assert not user_callout.is_ucallout_frame(frame(0x5000_1000, 0xFFFFFFFF, 0x5000_2000), None)
 
 
-def test_unreadable_page_is_reported_and_skipped():
-    stack, current_rsp, frame1, _frame2 = nested_stack()
-    stack.unreadable_pages.add(0x5000_E000)  # hides level 2's frame
-    bounds = user_callout.StackBounds(STACK_LOW, STACK_HIGH)
-    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, bounds, DISPATCHER)
-    assert result.unreadable
-    assert [f.address for f in result.frames] == [frame1]
+def test_read_frame_keeps_an_unreadable_return_slot_apart():
+    stack, _rsp, frame1, _frame2 = nested_stack()
+    frame = user_callout.read_frame(stack.reader(), frame1)
+    assert frame.address == frame1 and frame.return_address == DISPATCHER[0] + 0x24
+    stack.frame(0x5000_3000, rip=5, rsp=0x5000_3100, length=0, api=1)
+    stack.unreadable_pages.add(0x5000_2000)
+    frame = user_callout.read_frame(stack.reader(), 0x5000_3000)
+    assert frame.rip == 5 and frame.return_address is None
+    assert user_callout.read_frame(stack.reader(), 0x5000_2000) is None
 
 
-def test_without_teb_bounds_an_unreadable_page_ends_the_stack_silently():
-    stack, current_rsp, frame1, frame2 = nested_stack()
-    bounds = user_callout.stack_bounds(current_rsp, None)
-    assert not bounds.from_teb and bounds.low == current_rsp
-    result = user_callout.scan_callout_frames(stack.reader(), current_rsp, bounds, DISPATCHER)
-    assert [f.address for f in result.frames] == [frame1, frame2]
-    assert not result.unreadable
-    assert user_callout.stack_bounds(current_rsp, (STACK_LOW, STACK_HIGH)).from_teb
-    # TEB limits that do not contain the Rsp are not used.
-    assert not user_callout.stack_bounds(current_rsp, (STACK_HIGH, STACK_HIGH + PAGE)).from_teb
+def test_teb_limits():
+    assert user_callout.teb_problems(None, 0x5000_1000) == (findings.Unreadable.TEB, None)
+    assert user_callout.teb_problems((STACK_HIGH, STACK_LOW), None) == (
+        None,
+        findings.Invalid.STACK_BOUNDS,
+    )
+    assert user_callout.teb_problems((1, 1 << 48), None)[1] is findings.Invalid.STACK_BOUNDS
+    assert user_callout.teb_problems((STACK_LOW, STACK_HIGH), STACK_HIGH)[1] is (
+        findings.Invalid.RSP_OUTSIDE_STACK
+    )
+    assert user_callout.teb_problems((STACK_LOW, STACK_HIGH), STACK_LOW) == (None, None)
+    assert user_callout.usable_bounds((STACK_LOW, STACK_HIGH)) == BOUNDS
+    assert user_callout.usable_bounds((STACK_HIGH, STACK_LOW)) is None
 
 
 def test_paged_reader_spans_pages_and_respects_its_budget():
@@ -415,71 +440,206 @@ def stack_control(previous_initial, previous_kernel_stack=0, expansion=False):
     )
 
 
-def kernel_with_two_callouts(kcallout2_trap=None):
-    base, level1, expansion, level2 = 0xFFFF_A000, 0xFFFF_B000, 0xFFFF_C000, 0xFFFF_D000
+BASE_STACK, LEVEL1_STACK, EXPANSION_STACK, LEVEL2_STACK = (
+    0xFFFF_A000,
+    0xFFFF_B000,
+    0xFFFF_C000,
+    0xFFFF_D000,
+)
+
+
+def kernel_with_two_callouts(kcallout2_trap=None, drop=()):
+    """A thread in two nested callbacks whose level-2 stack sits behind an expansion segment;
+    T(0).Rsp and T(1).Rsp name the frames of nested_stack()."""
     objects = {
-        ("_KSTACK_CONTROL", level2): stack_control(expansion, 0xFFFF_CE00),
-        ("_KSTACK_CONTROL", expansion): stack_control(level1, 0, expansion=True),
-        ("_KSTACK_CONTROL", level1): stack_control(base, 0xFFFF_AD00),
-        ("_KSTACK_CONTROL", base): stack_control(0),
-        ("_KTRAP_FRAME", base - 0x190): SimpleNamespace(Rip=0x7FF0_1014, Rsp=0x100, SegCs=0x33),
-        ("_KTRAP_FRAME", level1 - 0x190): SimpleNamespace(Rip=0x7FF0_2014, Rsp=0x200, SegCs=0x33),
-        ("_KEXCEPTION_FRAME", 0xFFFF_AD00): SimpleNamespace(TrapFrame=base - 0x190),
+        ("_KSTACK_CONTROL", LEVEL2_STACK): stack_control(EXPANSION_STACK, 0xFFFF_CE00),
+        ("_KSTACK_CONTROL", EXPANSION_STACK): stack_control(LEVEL1_STACK, 0, expansion=True),
+        ("_KSTACK_CONTROL", LEVEL1_STACK): stack_control(BASE_STACK, 0xFFFF_AD00),
+        ("_KSTACK_CONTROL", BASE_STACK): stack_control(0),
+        ("_KTRAP_FRAME", BASE_STACK - 0x190): SimpleNamespace(
+            Rip=0x7FF0_1014, Rsp=0x5000_F780, SegCs=0x33
+        ),
+        ("_KTRAP_FRAME", LEVEL1_STACK - 0x190): SimpleNamespace(
+            Rip=0x7FF0_2014, Rsp=0x5000_E080, SegCs=0x33
+        ),
+        ("_KTRAP_FRAME", LEVEL2_STACK - 0x190): SimpleNamespace(
+            Rip=0x7FF0_3014, Rsp=0x5000_DF00, SegCs=0x33
+        ),
+        ("_KEXCEPTION_FRAME", 0xFFFF_AD00): SimpleNamespace(TrapFrame=BASE_STACK - 0x190),
         ("_KEXCEPTION_FRAME", 0xFFFF_CE00): SimpleNamespace(
-            TrapFrame=kcallout2_trap if kcallout2_trap is not None else level1 - 0x190
+            TrapFrame=kcallout2_trap if kcallout2_trap is not None else LEVEL1_STACK - 0x190
         ),
     }
-    return FakeKernel(objects), level2
+    for key in drop:
+        del objects[key]
+    return FakeKernel(objects)
 
 
-def user_frame(address, rip):
-    return user_callout.UcalloutFrame(address, 0, address + 0x58, 0, 0, rip, 0x33, 0, 0, 0)
+def levels_of(kernel, stack, bounds=BOUNDS):
+    kernel_stack = kernel_callout.read_kernel_stack(kernel, LEVEL2_STACK, True)
+    reader = stack.reader()
+    return [
+        callback_levels.level_from_kernel(
+            level,
+            user_callout.read_frame(reader, level.trap_frame.rsp) if level.trap_frame else None,
+            bounds,
+            is_return,
+        )
+        for level in kernel_stack.levels
+    ]
 
 
-def test_segment_walk_skips_expansions_and_pairs_levels():
-    kernel, current = kernel_with_two_callouts()
-    chain = kernel_callout.walk_segments(kernel, current)
-    assert chain.complete and chain.callout_count == 2
-    levels = kernel_callout.kernel_levels(kernel, chain)
-    assert [lv.level for lv in levels] == [1, 2]
-    assert levels[0].caller_trap_frame == 0xFFFF_A000 - 0x190
-    assert levels[1].caller_trap_frame == 0xFFFF_B000 - 0x190
-    frames = [user_frame(0x100, 0x7FF0_1014), user_frame(0x200, 0x7FF0_2014)]
-    verdicts = callback_stack.compare_levels(frames, chain, levels)
-    assert verdicts == ["agrees", "agrees"]
-    assert callback_stack.thread_kernel_side(verdicts) == "agrees"
+def test_kernel_stack_walk_skips_expansions_and_names_every_trap_frame():
+    kernel = kernel_with_two_callouts()
+    stack = kernel_callout.read_kernel_stack(kernel, LEVEL2_STACK, True)
+    assert stack.status is findings.KernelStackStatus.READABLE
+    assert stack.current_trap_frame == LEVEL2_STACK - 0x190
+    assert [lv.level for lv in stack.levels] == [1, 2]
+    assert [lv.caller_trap_frame for lv in stack.levels] == [
+        BASE_STACK - 0x190,
+        LEVEL1_STACK - 0x190,
+    ]
+    assert [lv.trap_frame.rsp for lv in stack.levels] == [0x5000_F780, 0x5000_E080]
+    # The table has no resident bit (None): the chain is walked all the same.
+    assert kernel_callout.read_kernel_stack(kernel, LEVEL2_STACK, None).levels == stack.levels
+
+
+def test_kernel_stack_not_resident_or_broken():
+    kernel = kernel_with_two_callouts()
+    swapped = kernel_callout.read_kernel_stack(kernel, LEVEL2_STACK, False)
+    assert swapped == kernel_callout.KernelStack(findings.KernelStackStatus.NOT_RESIDENT)
+    unmapped = kernel_callout.read_kernel_stack(kernel, 0xFFFF_E000, True)
+    assert unmapped.status is findings.KernelStackStatus.NOT_RESIDENT
+    assert kernel_callout.read_kernel_stack(kernel, 0, True).status is (
+        findings.KernelStackStatus.NOT_RESIDENT
+    )
+    broken = kernel_callout.read_kernel_stack(
+        kernel_with_two_callouts(drop=[("_KSTACK_CONTROL", BASE_STACK)]), LEVEL2_STACK, True
+    )
+    assert broken.status is findings.KernelStackStatus.BROKEN
+    assert broken.current_trap_frame == LEVEL2_STACK - 0x190 and broken.levels == ()
+
+
+def test_levels_come_from_the_kernel_and_agree_with_the_frames_there():
+    stack, _rsp, frame1, frame2 = nested_stack()
+    # A stale frame in level 1's handler locals, between the two live frames: never a level.
+    stack.frame(0x5000_E800, rip=9, rsp=0x5000_E900, length=0, api=7)
+    levels = levels_of(kernel_with_two_callouts(), stack)
+    assert [(lv.number, lv.frame_address) for lv in levels] == [(1, frame1), (2, frame2)]
+    assert all(lv.kernel_side == findings.KernelSide.agrees() for lv in levels)
+    assert [lv.frame.api_number for lv in levels] == [2, 17]
+    assert all(lv.is_frame and lv.return_outside_dispatcher is None for lv in levels)
+
+
+def test_a_paged_out_frame_keeps_its_level_and_is_unreadable_not_mismatch():
+    stack, _rsp, frame1, frame2 = nested_stack()
+    stack.unreadable_pages.add(frame2 & ~0xFFF)
+    outer, inner = levels_of(kernel_with_two_callouts(), stack)
+    assert outer.kernel_side.verdict is findings.Verdict.AGREES
+    assert (inner.number, inner.frame_address, inner.frame) == (2, frame2, None)
+    assert inner.rip == 0x7FF0_2014  # the kernel's copy, T(1).Rip
+    assert inner.kernel_side == findings.KernelSide.unreadable_by(
+        findings.UnreadableSide.USER_STACK
+    )
+    assert inner.unreadable == {findings.Unreadable.USER_STACK} and not inner.is_frame
+    assert wording.kernel_side(inner.kernel_side) == "unreadable: user stack"
 
 
 def test_kernel_side_mismatches_are_named():
-    kernel, current = kernel_with_two_callouts(kcallout2_trap=0xDEAD)
-    chain = kernel_callout.walk_segments(kernel, current)
-    levels = kernel_callout.kernel_levels(kernel, chain)
-    frames = [user_frame(0x100, 0x7FF0_1014), user_frame(0x208, 0x1)]
-    verdicts = callback_stack.compare_levels(frames, chain, levels)
-    assert verdicts[0] == "agrees"
-    assert verdicts[1].startswith("mismatch: ")
-    assert "Rsp 0x200 != Frame 0x208" in verdicts[1]
-    assert "MachineFrame.Rip 0x1" in verdicts[1]
-    assert "KCALLOUT_FRAME.TrapFrame 0xdead" in verdicts[1]
-    assert callback_stack.thread_kernel_side(verdicts) == "mismatch"
-    extra = callback_stack.compare_levels(frames + [user_frame(0x300, 0)], chain, levels)
-    assert extra[2] == callback_stack.NO_KERNEL_LEVEL
+    stack, _rsp, frame1, frame2 = nested_stack()
+    stack.qword(frame2 + 0x30, 0x1)  # MachineFrame.Rip
+    levels = levels_of(kernel_with_two_callouts(kcallout2_trap=0xDEAD), stack)
+    assert levels[0].kernel_side.verdict is findings.Verdict.AGREES
+    assert levels[1].kernel_side.differences == (
+        findings.RipDiffers(0x7FF0_2014, 0x1),
+        findings.KcalloutTrapFrameDiffers(0xDEAD, LEVEL1_STACK - 0x190),
+    )
+    assert wording.kernel_side(levels[1].kernel_side) == (
+        "mismatch: trap frame Rip 0x7ff02014 != MachineFrame.Rip 0x1, "
+        f"KCALLOUT_FRAME.TrapFrame 0xdead != trap frame {LEVEL1_STACK - 0x190:#x}"
+    )
+    sides = tuple(lv.kernel_side for lv in levels)
+    thread = findings.thread_kernel_side(sides, True, findings.KernelStackStatus.READABLE)
+    assert wording.kernel_side(thread, thread_row=True) == "mismatch"
 
 
-def test_broken_segment_chain_is_unreadable():
-    kernel, _current = kernel_with_two_callouts()
-    chain = kernel_callout.walk_segments(kernel, 0xFFFF_E000)  # unmapped
-    assert not chain.complete
-    assert kernel_callout.kernel_levels(kernel, chain) == []
-    verdicts = callback_stack.compare_levels([user_frame(0x100, 0)], chain, [])
-    assert verdicts == ["unreadable: kernel stack"]
-    assert callback_stack.thread_kernel_side([]) is None
+def test_a_forged_rsp_names_no_frame_and_one_outside_the_stack():
+    stack, _rsp, frame1, _frame2 = nested_stack()
+    forged = kernel_with_two_callouts()
+    forged._objects[("_KTRAP_FRAME", LEVEL1_STACK - 0x190)].Rsp = frame1 - 0x100
+    outer, inner = levels_of(forged, stack)
+    assert outer.kernel_side.verdict is findings.Verdict.AGREES
+    assert inner.frame_address == frame1 - 0x100 and not inner.is_frame
+    assert inner.kernel_side.differences[0] == findings.NotAFrame(frame1 - 0x100)
+    forged._objects[("_KTRAP_FRAME", LEVEL1_STACK - 0x190)].Rsp = STACK_HIGH + 0x1000
+    inner = levels_of(forged, stack)[1]
+    assert inner.frame is None
+    assert inner.kernel_side.differences == (findings.FrameOutsideStack(STACK_HIGH + 0x1000),)
+
+
+def test_unreadable_kernel_parts_of_a_level():
+    stack, _rsp, _frame1, _frame2 = nested_stack()
+    no_kcallout = kernel_with_two_callouts(drop=[("_KEXCEPTION_FRAME", 0xFFFF_CE00)])
+    inner = levels_of(no_kcallout, stack)[1]
+    assert wording.kernel_side(inner.kernel_side) == "unreadable: kernel stack"
+    no_trap = kernel_with_two_callouts(drop=[("_KTRAP_FRAME", LEVEL1_STACK - 0x190)])
+    inner = levels_of(no_trap, stack)[1]
+    assert (inner.number, inner.frame_address, inner.rip) == (2, None, None)
+    assert inner.unreadable == {findings.Unreadable.KERNEL_STACK}
+
+
+def test_a_hooked_dispatcher_is_a_note_not_a_condition():
+    stack, _rsp, frame1, frame2 = nested_stack()
+    hook = 0x7FFB_5000_1234
+    stack.qword(frame1 - 8, hook)
+    stack.qword(frame2 - 8, hook)
+    levels = levels_of(kernel_with_two_callouts(), stack)
+    assert [lv.kernel_side.verdict for lv in levels] == [findings.Verdict.AGREES] * 2
+    assert [lv.return_outside_dispatcher for lv in levels] == [hook, hook]
+    assert wording.level_notes(findings.LevelNotes(hook)) == (
+        f"return address {hook:#x} not in KiUserCallbackDispatcher"
+    )
+
+
+def test_fallback_levels_are_numbered_only_when_the_count_is_the_kernels():
+    stack, _rsp, frame1, frame2 = nested_stack()
+    frames = user_callout.scan_callout_frames(stack.reader(), STACK_LOW, BOUNDS, is_return).frames
+    swapped = findings.KernelStackStatus.NOT_RESIDENT
+    levels = callback_levels.levels_from_scan(frames, 2, swapped)
+    assert [lv.number for lv in levels] == [1, 2]
+    assert {wording.kernel_side(lv.kernel_side) for lv in levels} == {
+        "unreadable: kernel stack not resident"
+    }
+    assert [lv.number for lv in callback_levels.levels_from_scan(frames, 3, swapped)] == [
+        None,
+        None,
+    ]
+    broken = callback_levels.levels_from_scan(frames, 2, findings.KernelStackStatus.BROKEN)
+    assert wording.kernel_side(broken[0].kernel_side) == "unreadable: kernel stack"
+
+
+def test_thread_kernel_side_is_three_valued():
+    agrees = findings.KernelSide.agrees()
+    paged = findings.KernelSide.unreadable_by(findings.UnreadableSide.USER_STACK)
+    readable = findings.KernelStackStatus.READABLE
+    swapped = findings.KernelStackStatus.NOT_RESIDENT
+
+    def thread(sides, in_callback=True, status=readable):
+        side = findings.thread_kernel_side(tuple(sides), in_callback, status)
+        return wording.kernel_side(side, thread_row=True)
+
+    assert thread([agrees, agrees]) == "agrees"
+    assert thread([agrees, paged]) == "unreadable: user stack"
+    assert thread([paged, findings.KernelSide.mismatch()]) == "mismatch"
+    assert thread([], in_callback=False) is None
+    assert thread([]) is None
+    assert thread([], status=swapped) == "unreadable: kernel stack not resident"
 
 
 def test_trap_frame_user_mode_and_reading():
     assert trap_frame.is_user_mode(0x33) and not trap_frame.is_user_mode(0x10)
-    kernel, _current = kernel_with_two_callouts()
-    frame = trap_frame.read_trap_frame(kernel, 0xFFFF_A000 - 0x190)
+    kernel = kernel_with_two_callouts()
+    frame = trap_frame.read_trap_frame(kernel, BASE_STACK - 0x190)
     assert frame is not None and frame.user_mode and frame.rip == 0x7FF0_1014
     assert trap_frame.read_trap_frame(kernel, 0) is None
     assert trap_frame.read_trap_frame(kernel, 0x1234) is None
@@ -489,37 +649,77 @@ def test_trap_frame_user_mode_and_reading():
 
 
 def test_reason_texts():
-    assert reason.thread_reason(True, True) == "at-return+in-callback"
-    assert reason.thread_reason(True, False) == "at-return"
-    assert reason.thread_reason(False, True) == "in-callback"
-    assert reason.thread_reason(False, False) == "none"
-    assert reason.is_in_callback(2, 0) and reason.is_in_callback(0, 1)
-    assert not reason.is_in_callback(0, 0) and not reason.is_in_callback(None, 0)
+    assert wording.reason(findings.Reason(True, True)) == "at-return+in-callback"
+    assert wording.reason(findings.Reason(True, False)) == "at-return"
+    assert wording.reason(findings.Reason(False, True)) == "in-callback"
+    assert wording.reason(findings.Reason()) == "none"
 
 
 def test_notes_order_and_texts():
-    assert reason.thread_notes(True, 2, 2, []) == ""
-    assert (
-        reason.thread_notes(False, 0, 3, ["kernel stack", "TEB", "trap frame"])
-        == "no user-mode trap frame; callback frames found: 0, CallbackNestingLevel: 3; "
-        "unreadable: trap frame; unreadable: TEB; unreadable: kernel stack"
+    assert wording.thread_notes(findings.ThreadNotes()) == ""
+    notes = findings.ThreadNotes(
+        foreign=findings.ForeignThread(None, 0xFFFF_1000),
+        kernel_stack_not_resident=True,
+        trap_frame_differs=0x0,
+        kernel_levels=findings.CountDiffers(1, 2),
+        frames_found=findings.CountDiffers(0, 2),
+        return_addresses=(0x10, 0x20),
+        unreadable=frozenset(
+            {
+                findings.Unreadable.KERNEL_STACK,
+                findings.Unreadable.TEB,
+                findings.Unreadable.TRAP_FRAME,
+            }
+        ),
+        invalid=frozenset({findings.Invalid.API_NUMBER, findings.Invalid.STACK_BOUNDS}),
     )
-    assert reason.callback_notes(["KernelCallbackTable"]) == "unreadable: KernelCallbackTable"
+    assert wording.thread_notes(notes).split("; ") == [
+        "mismatch: KTHREAD.Process 0xffff1000 is not a listed process",
+        "kernel stack not resident",
+        "KTHREAD.TrapFrame differs: 0x0",
+        "kernel callout levels: 1, CallbackNestingLevel: 2",
+        "callback frames found: 0, CallbackNestingLevel: 2",
+        "return address 0x10 not in KiUserCallbackDispatcher",
+        "return address 0x20 not in KiUserCallbackDispatcher",
+        "unreadable: trap frame",
+        "unreadable: TEB",
+        "unreadable: kernel stack",
+        "invalid: TEB stack bounds",
+        "invalid: ApiNumber",
+    ]
+    level = findings.LevelNotes(None, frozenset({findings.Unreadable.CALLBACK_TABLE}))
+    assert wording.level_notes(level) == "unreadable: KernelCallbackTable"
+    foreign = findings.ThreadNotes(foreign=findings.ForeignThread(1232, 0), no_user_trap_frame=True)
+    assert wording.thread_notes(foreign) == (
+        "mismatch: KTHREAD.Process is PID 1232; no user-mode trap frame"
+    )
 
 
 @pytest.mark.parametrize(
-    "thread_reason, all_threads, at_return_only, listed",
+    "reason, all_threads, at_return_only, listed",
     [
-        ("none", False, False, False),
-        ("in-callback", False, False, True),
-        ("none", True, False, True),
-        ("in-callback", False, True, False),
-        ("at-return+in-callback", False, True, True),
-        ("none", True, True, False),
+        (findings.Reason(), False, False, False),
+        (findings.Reason(in_callback=True), False, False, True),
+        (findings.Reason(), True, False, True),
+        (findings.Reason(in_callback=True), False, True, False),
+        (findings.Reason(True, True), False, True, True),
+        (findings.Reason(), True, True, False),
     ],
 )
-def test_listing_modes(thread_reason, all_threads, at_return_only, listed):
-    assert reason.is_listed(thread_reason, all_threads, at_return_only) is listed
+def test_listing_modes(reason, all_threads, at_return_only, listed):
+    mode = findings.ListingMode.from_options(all_threads, at_return_only)
+    assert mode.lists(reason) is listed
+
+
+def test_dispatcher_return_check_uses_the_kernels_return_address_too():
+    facts = ntdll_exports.build_facts(
+        None, 0, None, None, DISPATCHER[0], kernel_dispatcher_return=DISPATCHER[0] + 0x1000
+    )
+    assert ntdll_exports.is_dispatcher_return(facts, DISPATCHER[0] + 0x24)
+    assert ntdll_exports.is_dispatcher_return(facts, DISPATCHER[0] + 0x1000)
+    assert ntdll_exports.is_dispatcher_return(facts, DISPATCHER[0] - 8) is False
+    unknown = ntdll_exports.build_facts(None, 0, None, None, None)
+    assert ntdll_exports.is_dispatcher_return(unknown, DISPATCHER[0]) is None
 
 
 def test_32bit_kernel_layer_is_refused():
@@ -530,4 +730,3 @@ def test_32bit_kernel_layer_is_refused():
     context = SimpleNamespace(layers={"layer": layer32})
     kernel = SimpleNamespace(layer_name="layer", symbol_table_name="nt")
     assert not kernel_facts.is_64bit_kernel(context, kernel)
-
