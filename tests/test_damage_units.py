@@ -17,20 +17,17 @@ from tests.test_kcbwait_units import (
     STACK_HIGH,
     STACK_LOW,
     build_pe,
-    kernel_with_two_callouts,
     parse_exports,
-    user_frame,
 )
 
 from volatility3.plugins.windows.kcbwait_analysis import (  # isort: skip (after the path fix)
-    callback_stack,
-    kernel_callout,
+    findings,
     ntdll_exports,
     pe_exports,
-    reason,
     text,
     thread_list,
     user_callout,
+    wording,
 )
 
 
@@ -99,60 +96,37 @@ def test_ntdll_without_a_callback_return_export_is_invalid():
 
 
 @pytest.mark.parametrize(
-    "limits, rsp, problem, from_teb",
+    "limits, rsp, problem, usable",
     [
         ((STACK_LOW, STACK_HIGH), STACK_LOW + 0x100, None, True),
-        ((STACK_HIGH, STACK_LOW), STACK_LOW + 0x100, "TEB stack bounds", False),
-        ((0x10000, 0x7FFF_FFFF_0000), STACK_LOW + 0x100, "TEB stack bounds", False),
-        ((STACK_LOW, 0x8000_0000_1000), STACK_LOW + 0x100, "TEB stack bounds", False),
-        ((STACK_LOW, STACK_HIGH), STACK_HIGH + 0x100, "Rsp outside the TEB stack", False),
-        (None, STACK_LOW + 0x100, None, False),
+        ((STACK_HIGH, STACK_LOW), STACK_LOW + 0x100, findings.Invalid.STACK_BOUNDS, False),
+        ((0x10000, 0x7FFF_FFFF_0000), STACK_LOW + 0x100, findings.Invalid.STACK_BOUNDS, False),
+        ((STACK_LOW, 0x8000_0000_1000), STACK_LOW + 0x100, findings.Invalid.STACK_BOUNDS, False),
+        ((STACK_LOW, STACK_HIGH), STACK_HIGH + 0x100, findings.Invalid.RSP_OUTSIDE_STACK, True),
+        (None, STACK_LOW + 0x100, findings.Unreadable.TEB, False),
     ],
 )
-def test_teb_limits_are_validated(limits, rsp, problem, from_teb):
-    assert user_callout.teb_limits_problem(rsp, limits) == problem
-    bounds = user_callout.stack_bounds(rsp, limits)
-    assert bounds.from_teb is from_teb
-    if not from_teb:
-        assert (bounds.low, bounds.high) == (rsp, rsp + user_callout.TOTAL_WINDOW)
+def test_teb_limits_are_validated(limits, rsp, problem, usable):
+    unreadable, invalid = user_callout.teb_problems(limits, rsp)
+    assert (unreadable or invalid) == problem
+    # Bounds that can be true still check the frames even when the trap frame's Rsp is off.
+    assert (user_callout.usable_bounds(limits) is not None) is usable
 
 
-def test_levels_are_numbered_from_the_kernel_when_outer_frames_are_missing():
-    chain = kernel_callout.SegmentChain(tuple(range(4)), True)  # 3 callouts + base
-    assert callback_stack.first_level(3, chain) == 1
-    assert callback_stack.first_level(2, chain) == 2  # the outermost frame was not found
-    assert callback_stack.first_level(5, chain) == 1  # more frames than callouts
-    assert callback_stack.first_level(2, kernel_callout.SegmentChain((), False)) == 1
-
-
-def test_frames_pair_with_the_kernel_level_of_their_number():
-    kernel, current = kernel_with_two_callouts()
-    chain = kernel_callout.walk_segments(kernel, current)
-    levels = kernel_callout.kernel_levels(kernel, chain)
-    inner_only = [user_frame(0x200, 0x7FF0_2014)]
-    first = callback_stack.first_level(1, chain)
-    assert first == 2
-    assert callback_stack.compare_levels(inner_only, chain, levels, first) == ["agrees"]
-
-
-def test_invalid_and_foreign_notes_follow_the_contract_order():
-    notes = reason.thread_notes(
-        True,
-        1,
-        2,
-        ["user stack"],
-        ["ApiNumber", "TEB stack bounds"],
-        reason.foreign_thread_note(1232, 0xFFFF_B00F_0000_0620),
+def test_foreign_notes_follow_the_contract_order():
+    notes = findings.ThreadNotes(
+        foreign=findings.ForeignThread(1232, 0xFFFF_B00F_0000_0620),
+        frames_found=findings.CountDiffers(1, 2),
+        unreadable=frozenset({findings.Unreadable.USER_STACK}),
+        invalid=frozenset({findings.Invalid.API_NUMBER, findings.Invalid.STACK_BOUNDS}),
     )
-    assert notes == (
+    assert wording.thread_notes(notes) == (
         "mismatch: KTHREAD.Process is PID 1232; callback frames found: 1, "
         "CallbackNestingLevel: 2; unreadable: user stack; invalid: TEB stack bounds; "
         "invalid: ApiNumber"
     )
-    assert reason.foreign_thread_note(None, 0x1234) == (
-        "mismatch: KTHREAD.Process 0x1234 is not a listed process"
-    )
-    assert reason.callback_notes([], ["KernelCallbackTable"]) == "invalid: KernelCallbackTable"
+    level = findings.LevelNotes(invalid=frozenset({findings.Invalid.CALLBACK_TABLE}))
+    assert wording.level_notes(level) == "invalid: KernelCallbackTable"
 
 
 class FakeLister:

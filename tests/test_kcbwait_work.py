@@ -33,8 +33,15 @@ def scaled_images(images, tmp_path_factory):
 
 
 def _stats_after_run(image, symbols_dir):
-    rows = volrun.run_plugin(image, PLUGIN, [symbols_dir], {"all-threads": True})
-    stats = sys.modules["volatility3.plugins.windows.kcbwait_analysis.read_stats"].STATS
+    """Every thread's result and the run's own work counters (one ReadStats per run)."""
+    framework_runner.prepare(volrun.config([symbols_dir]))
+    plugin_cls = framework_runner.plugin_class(PLUGIN)
+    constructed = framework_runner.construct(image, plugin_cls)
+    stats_cls = sys.modules["volatility3.plugins.windows.kcbwait_analysis.read_stats"].ReadStats
+    stats = stats_cls()
+    rows = list(
+        plugin_cls.analyse_threads(constructed.context, constructed.config["kernel"], stats=stats)
+    )
     return rows, stats
 
 
