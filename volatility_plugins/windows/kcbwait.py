@@ -67,10 +67,11 @@ COLUMNS = [
 ]
 
 
-def _cell(value, column: str, unreadable=frozenset(), hex_value: bool = False):
-    """A TreeGrid cell: the value, or UnreadableValue / NotApplicableValue when absent."""
+def _cell(value, field=None, unreadable=frozenset(), hex_value: bool = False):
+    """A TreeGrid cell: the value, or UnreadableValue (``field`` could not be read) /
+    NotApplicableValue when absent."""
     if value is None:
-        if column in unreadable:
+        if field is not None and field in unreadable:
             return renderers.UnreadableValue()
         return renderers.NotApplicableValue()
     if hex_value:
@@ -200,25 +201,25 @@ class KcbWait(interfaces.plugins.PluginInterface):
         process = result.process
         unreadable = result.unreadable | process.unreadable
         return (
-            _cell(process.pid, "PID", unreadable),
-            _cell(result.tid, "TID", unreadable),
-            _cell(text.display(process.name), "Process", unreadable),
-            _cell(process.wow64, "Wow64", unreadable),
+            _cell(process.pid, results.Field.PID, unreadable),
+            _cell(result.tid, results.Field.TID, unreadable),
+            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
+            _cell(process.wow64, results.Field.WOW64, unreadable),
             0,
             wording.reason(result.reason),
-            _cell(result.state, "State", unreadable),
-            _cell(result.wait_reason, "WaitReason", unreadable),
-            _cell(result.nesting_level, "NestingLevel", unreadable),
-            _cell(result.rip, "Rip", hex_value=True),
-            _cell(text.display(result.symbol), "Symbol"),
-            _cell(result.rsp, "Rsp", hex_value=True),
+            _cell(result.state, results.Field.STATE, unreadable),
+            _cell(result.wait_reason, results.Field.WAIT_REASON, unreadable),
+            _cell(result.nesting_level, results.Field.NESTING_LEVEL, unreadable),
+            _cell(result.rip, hex_value=True),
+            _cell(text.display(result.symbol)),
+            _cell(result.rsp, hex_value=True),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(wording.kernel_side(result.kernel_side, thread_row=True), "KernelSide"),
+            _cell(wording.kernel_side(result.kernel_side, thread_row=True)),
             wording.thread_notes(result.notes),
         )
 
@@ -230,24 +231,34 @@ class KcbWait(interfaces.plugins.PluginInterface):
         frame = level.frame
         columns = callback.unreadable
         return (
-            _cell(process.pid, "PID", unreadable),
-            _cell(result.tid, "TID", unreadable),
-            _cell(text.display(process.name), "Process", unreadable),
-            _cell(process.wow64, "Wow64", unreadable),
-            _cell(level.number, "Level"),
+            _cell(process.pid, results.Field.PID, unreadable),
+            _cell(result.tid, results.Field.TID, unreadable),
+            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
+            _cell(process.wow64, results.Field.WOW64, unreadable),
+            _cell(level.number),
             wording.CALLBACK,
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(level.rip, "Rip", hex_value=True),
-            _cell(text.display(callback.symbol), "Symbol"),
-            _cell(None if frame is None else frame.rsp, "Rsp", columns, hex_value=True),
-            _cell(level.frame_address, "Frame", hex_value=True),
-            _cell(None if frame is None else frame.api_number, "ApiNumber", columns),
-            _cell(callback.handler, "Handler", columns, hex_value=True),
-            _cell(text.display(callback.handler_symbol), "HandlerSymbol", columns),
-            _cell(None if frame is None else frame.buffer, "Buffer", columns, hex_value=True),
-            _cell(None if frame is None else frame.length, "Length", columns),
+            _cell(level.rip, hex_value=True),
+            _cell(text.display(callback.symbol)),
+            _cell(
+                None if frame is None else frame.rsp,
+                results.Field.FRAME_RSP,
+                columns,
+                hex_value=True,
+            ),
+            _cell(level.frame_address, hex_value=True),
+            _cell(None if frame is None else frame.api_number, results.Field.API_NUMBER, columns),
+            _cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
+            _cell(text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns),
+            _cell(
+                None if frame is None else frame.buffer,
+                results.Field.BUFFER,
+                columns,
+                hex_value=True,
+            ),
+            _cell(None if frame is None else frame.length, results.Field.LENGTH, columns),
             wording.kernel_side(level.kernel_side),
             wording.level_notes(callback.notes),
         )

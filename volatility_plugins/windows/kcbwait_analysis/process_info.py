@@ -98,15 +98,15 @@ def _process_summary(
         pid: int | None = int(proc.UniqueProcessId)
     except exceptions.InvalidAddressException:
         pid = None
-        unreadable.add("PID")
+        unreadable.add(results.Field.PID)
     name = _image_file_name(context, proc, stats)
     if name is None:
-        unreadable.add("Process")
+        unreadable.add(results.Field.PROCESS)
     try:
         wow64: bool | None = bool(proc.get_is_wow64())
     except exceptions.InvalidAddressException:
         wow64 = None
-        unreadable.add("Wow64")
+        unreadable.add(results.Field.WOW64)
     return results.ProcessSummary(pid, name, wow64, frozenset(unreadable))
 
 

@@ -1,15 +1,47 @@
 """Plain result records of the analysis; the plugin only turns these into TreeGrid rows.
 
-``None`` marks an absent value; a column named in ``unreadable`` was absent because memory could
+``None`` marks an absent value; a ``Field`` in ``unreadable`` was absent because memory could
 not be read (rendered as UnreadableValue rather than NotApplicableValue).  Verdicts and notes
 are the values of ``findings.py``; ``wording.py`` gives them the contract's words.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from volatility3.plugins.windows.kcbwait_analysis import callback_levels, findings
+
+
+class Field(enum.Enum):
+    """A value of a result that memory may have kept from being read."""
+
+    PID = enum.auto()
+    PROCESS = enum.auto()
+    WOW64 = enum.auto()
+    TID = enum.auto()
+    STATE = enum.auto()
+    WAIT_REASON = enum.auto()
+    NESTING_LEVEL = enum.auto()
+    FRAME_RSP = enum.auto()
+    API_NUMBER = enum.auto()
+    HANDLER = enum.auto()
+    HANDLER_SYMBOL = enum.auto()
+    BUFFER = enum.auto()
+    LENGTH = enum.auto()
+
+
+# What a level loses when its UCALLOUT_FRAME cannot be read.
+FRAME_FIELDS = frozenset(
+    {
+        Field.FRAME_RSP,
+        Field.API_NUMBER,
+        Field.HANDLER,
+        Field.HANDLER_SYMBOL,
+        Field.BUFFER,
+        Field.LENGTH,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,6 @@ POINTER_SIZE = 8
 MAX_CALLBACK_TABLE_ENTRIES = 0x400
 # Pages one thread's level reads may fetch: each level needs the page or two its frame spans.
 MAX_LEVEL_PAGES = 2 * user_callout.MAX_LEVELS
-# Columns of a callback row read from the UCALLOUT_FRAME itself.
-FRAME_COLUMNS = frozenset({"Rsp", "ApiNumber", "Handler", "HandlerSymbol", "Buffer", "Length"})
 
 
 class ThreadFields:
@@ -57,16 +55,20 @@ class ThreadFields:
         nesting_member: str | None,
         resident_member: str | None,
     ):
-        self.unreadable: set[str] = set()
+        self.unreadable: set[results.Field] = set()
         tcb = memory.try_read(lambda: thread.Tcb)
-        self.tid = self._int(lambda: thread.Cid.UniqueThread, "TID")
-        self.state = self._int(lambda: tcb.State, "State") if tcb is not None else None
+        self.tid = self._int(lambda: thread.Cid.UniqueThread, results.Field.TID)
+        self.state = self._int(lambda: tcb.State, results.Field.STATE) if tcb is not None else None
         self.wait_reason = (
-            self._int(lambda: tcb.WaitReason, "WaitReason") if tcb is not None else None
+            self._int(lambda: tcb.WaitReason, results.Field.WAIT_REASON)
+            if tcb is not None
+            else None
         )
         self.nesting_level = None
         if tcb is not None and nesting_member is not None:
-            self.nesting_level = self._int(lambda: tcb.member(nesting_member), "NestingLevel")
+            self.nesting_level = self._int(
+                lambda: tcb.member(nesting_member), results.Field.NESTING_LEVEL
+            )
         self.kernel_stack_resident: bool | None = None
         if tcb is not None and resident_member is not None:
             resident = self._int(lambda: tcb.member(resident_member), None)
@@ -78,9 +80,11 @@ class ThreadFields:
         self.initial_stack = self._int(lambda: tcb.InitialStack, None) if tcb is not None else None
         self.teb = self._int(lambda: tcb.Teb, None) if tcb is not None else None
         if tcb is None:
-            self.unreadable.update(("State", "WaitReason", "NestingLevel"))
+            self.unreadable.update(
+                (results.Field.STATE, results.Field.WAIT_REASON, results.Field.NESTING_LEVEL)
+            )
 
-    def _int(self, getter: Callable, column: str | None) -> int | None:
+    def _int(self, getter: Callable, column: results.Field | None) -> int | None:
         value = memory.try_read(lambda: int(getter()))
         if value is None and column is not None:
             self.unreadable.add(column)
@@ -348,18 +352,18 @@ class ThreadAnalyzer:
         """The callback row of ``level``; its facts are also recorded for the thread row."""
         unreadable = set(level.unreadable)
         invalid: set[findings.Invalid] = set()
-        columns: set[str] = set()
+        columns: set[results.Field] = set()
         handler = None
         if level.frame is None:
             if level.frame_address is not None:
-                columns.update(FRAME_COLUMNS)
+                columns.update(results.FRAME_FIELDS)
         else:
             handler, handler_unreadable, handler_invalid = self._handler(
                 info, level.frame.api_number
             )
             if handler_unreadable is not None:
                 unreadable.add(handler_unreadable)
-                columns.add("Handler")
+                columns.update((results.Field.HANDLER, results.Field.HANDLER_SYMBOL))
             if handler_invalid is not None:
                 invalid.add(handler_invalid)
         found.unreadable.update(unreadable)
