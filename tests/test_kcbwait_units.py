@@ -432,11 +432,18 @@ class FakeKernel:
         return SimpleNamespace(size=self._size)
 
 
-def stack_control(previous_initial, previous_kernel_stack=0, expansion=False):
+def stack_control(previous_initial, previous_kernel_stack=0, expansion=False, base=None):
+    """A _KSTACK_CONTROL at the top of a stack segment (segment n's StackBase is n + 0x30 here,
+    so that Previous.StackBase names the segment Previous.InitialStack leads to)."""
     return SimpleNamespace(
         StackExpansion=int(expansion),
         has_member=lambda name: name == "StackExpansion",
-        Previous=SimpleNamespace(InitialStack=previous_initial, KernelStack=previous_kernel_stack),
+        StackBase=base,
+        Previous=SimpleNamespace(
+            InitialStack=previous_initial,
+            KernelStack=previous_kernel_stack,
+            StackBase=previous_initial + 0x30 if previous_initial else 0,
+        ),
     )
 
 
@@ -470,6 +477,9 @@ def kernel_with_two_callouts(kcallout2_trap=None, drop=()):
             TrapFrame=kcallout2_trap if kcallout2_trap is not None else LEVEL1_STACK - 0x190
         ),
     }
+    for (kind, address), control in objects.items():
+        if kind == "_KSTACK_CONTROL":
+            control.StackBase = address + 0x30
     for key in drop:
         del objects[key]
     return FakeKernel(objects)
@@ -518,6 +528,12 @@ def test_kernel_stack_not_resident_or_broken():
     )
     assert broken.status is findings.KernelStackStatus.BROKEN
     assert broken.current_trap_frame == LEVEL2_STACK - 0x190 and broken.levels == ()
+    # A link to a segment that is not the one Previous describes (a stale or smeared
+    # Previous.InitialStack) breaks the chain rather than adding a level.
+    relinked = kernel_with_two_callouts()
+    relinked._objects[("_KSTACK_CONTROL", LEVEL1_STACK)].Previous.StackBase = 0x1234
+    stack = kernel_callout.read_kernel_stack(relinked, LEVEL2_STACK, True)
+    assert stack.status is findings.KernelStackStatus.BROKEN
 
 
 def test_levels_come_from_the_kernel_and_agree_with_the_frames_there():

@@ -29,14 +29,17 @@ class StackSegment:
     stack_expansion: bool
     previous_initial_stack: int
     previous_kernel_stack: int
+    stack_base: int = 0
+    previous_stack_base: int = 0
 
 
 @dataclass(frozen=True)
 class SegmentChain:
     """Callout segments innermost first, the base (original) stack last.
 
-    ``complete`` is False when a segment could not be read or the bound was hit before a
-    segment with ``Previous.InitialStack == 0`` (the thread's original stack) was reached.
+    ``complete`` is False when a segment could not be read, a link led to a segment that is
+    not the one its ``Previous`` describes, or the bound was hit before a segment with
+    ``Previous.InitialStack == 0`` (the thread's original stack) was reached.
     """
 
     segments: tuple[StackSegment, ...]
@@ -57,6 +60,8 @@ def read_segment(kernel: interfaces.context.ModuleInterface, address: int) -> St
             stack_expansion=expansion,
             previous_initial_stack=int(control.Previous.InitialStack),
             previous_kernel_stack=int(control.Previous.KernelStack),
+            stack_base=int(control.StackBase),
+            previous_stack_base=int(control.Previous.StackBase),
         )
     except exceptions.InvalidAddressException:
         return None
@@ -66,11 +71,14 @@ def walk_segments(kernel: interfaces.context.ModuleInterface, initial_stack: int
     """Walks the stack segments from ``KTHREAD.InitialStack`` to the original stack.
 
     Expansion segments are dropped: a callout's Previous may lead through them, but they carry
-    neither a trap frame nor a KCALLOUT_FRAME of their own.
+    neither a trap frame nor a KCALLOUT_FRAME of their own.  KeUserModeCallback copied the
+    previous segment's StackBase into ``Previous.StackBase``; a link whose target does not
+    carry that StackBase leads somewhere else (stale or smeared) and breaks the chain there.
     """
     segments: list[StackSegment] = []
     seen: set[int] = set()
     address = initial_stack
+    expected_base = None
     for _ in range(MAX_SEGMENTS):
         if not address or address in seen:
             return SegmentChain(tuple(segments), False)
@@ -78,6 +86,9 @@ def walk_segments(kernel: interfaces.context.ModuleInterface, initial_stack: int
         segment = read_segment(kernel, address)
         if segment is None:
             return SegmentChain(tuple(segments), False)
+        if expected_base is not None and segment.stack_base != expected_base:
+            return SegmentChain(tuple(segments), False)
+        expected_base = segment.previous_stack_base
         if not segment.stack_expansion:
             segments.append(segment)
         if segment.previous_initial_stack == 0:
