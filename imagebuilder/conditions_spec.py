@@ -131,10 +131,8 @@ def parse_thread_conditions(
     for index, item in enumerate(data):
         at = f"{where}[{index}]"
         if isinstance(item, str) and item in PARAMETER_THREAD_CONDITIONS:
-            required = ", ".join(PARAMETER_THREAD_CONDITIONS[item][0])
-            raise ConditionError(
-                f'{at}: {item} takes parameters; write {{"kind": "{item}", {required}...}}'
-            )
+            required = "".join(f', "{k}": ...' for k in PARAMETER_THREAD_CONDITIONS[item][0])
+            raise ConditionError(f'{at}: {item} takes parameters: {{"kind": "{item}"{required}}}')
         if isinstance(item, str):
             items.append(ThreadCondition(_choice(item, at, SIMPLE_THREAD_CONDITIONS)))
         elif isinstance(item, dict):
@@ -151,6 +149,11 @@ def parse_thread_conditions(
                 f"{where}: kernel_stack_swapped cannot be combined with {clash[0]}"
                 " (its outcome needs a resident kernel stack)"
             )
+    if sum(c.size for c in items) > DEEP_MAX:
+        raise ConditionError(
+            f"{where}: deep_handler_stack sizes add up to more than {DEEP_MAX} bytes"
+            " (the thread's stack reservation)"
+        )
     rsp_levels = {c.level for c in items if c.kind == "forged_trap_rsp"}
     for c in items:
         if c.kind == "stale_frame" and c.at == "handler_locals" and c.level in rsp_levels:

@@ -244,9 +244,7 @@ def _process(data: Any, where: str, table_size: int) -> Process:
 
 def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) -> Thread:
     obj = _mapping(data, where)
-    _only(
-        obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason", "damage", "conditions"}
-    )
+    _only(obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason", "damage", "conditions"})
     tid = _int(obj.get("tid"), f"{where}.tid", 4, 0xFFFFFFFC)
     if tid % 4:
         raise ScenarioError(f"{where}.tid: {tid} is not a multiple of 4 (Windows ids are)")
