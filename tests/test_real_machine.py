@@ -289,3 +289,20 @@ def test_hook_and_deep_stack_in_the_bytes(images, profile):
         for page in range(inner & ~0xFFF, outer, 0x1000)
     )
     assert present <= 8
+
+
+def test_generated_scenarios_have_resident_kernel_stacks(images, tmp_path):
+    """imagebuilder/generate.py's benchmark scenarios: every thread's KernelStackResident 1."""
+    from imagebuilder.build import build_image
+    from imagebuilder.generate import generate_scenario
+    from imagebuilder.scenario import parse_scenario
+
+    profile = images.profile("lab")
+    symbols = SymbolTable.load(profile.isf_path)
+    data = generate_scenario(processes=3, threads_per_process=6, callback_share=0.5, seed=2)
+    image = build_image(parse_scenario(data), symbols, profile.build)
+    raw = image.write(tmp_path, "generated", ("raw",))["raw"]
+    reader = Reader(RawImage(raw), symbols, image.truth["dtb"], image.truth["kernel_base"])
+    threads = reader.threads()
+    assert len(threads) == 3 * 6 + 2  # and the System process's two
+    assert {reader.kthread(t["ethread"], "KernelStackResident") for t in threads.values()} == {1}
