@@ -13,6 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from imagebuilder import spec_fields
+from imagebuilder.spec_fields import choice as _choice
+from imagebuilder.spec_fields import number as _number
+from imagebuilder.spec_fields import obj as _obj
+
 # Thread conditions without parameters.
 SIMPLE_THREAD_CONDITIONS = ("kernel_stack_swapped", "stale_trap_frame")
 # Thread conditions with parameters: kind -> (required, optional).
@@ -40,7 +45,7 @@ PROCESS_CONDITIONS = ("hooked_dispatcher",)
 NOT_A_HOOK = ("ntdll.dll", "win32u.dll", "user32.dll")
 
 
-class ConditionError(ValueError):
+class ConditionError(spec_fields.FieldError):
     """A conditions field is wrong; the message names it (ScenarioError re-raises it)."""
 
 
@@ -56,31 +61,6 @@ class ThreadCondition:
 class ProcessCondition:
     kind: str
     module: str = ""  # hooked_dispatcher: the module holding the hook
-
-
-def _obj(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConditionError(f"{where}: expected a kind name or an object, got {value!r}")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise ConditionError(
-            f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})"
-        )
-    return value
-
-
-def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConditionError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _number(value: Any, where: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConditionError(f"{where}: expected an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConditionError(f"{where}: {value} is outside {low}..{high}")
-    return value
 
 
 def _parameters(obj: dict[str, Any], at: str, levels: int) -> ThreadCondition:

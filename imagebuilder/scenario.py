@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from imagebuilder.conditions_spec import (
-    ConditionError,
     ProcessCondition,
     ThreadCondition,
     parse_process_conditions,
     parse_thread_conditions,
 )
 from imagebuilder.damage_spec import (
-    DamageError,
     ProcessDamage,
     ScenarioDamage,
     ThreadDamage,
@@ -28,6 +26,7 @@ from imagebuilder.damage_spec import (
     parse_scenario_damage,
     parse_thread_damage,
 )
+from imagebuilder.spec_fields import FieldError
 
 # Modules the builder knows how to write.  Any other name becomes a plain DLL with a few
 # exports, so a scenario can place a KernelCallbackTable entry in a foreign module.
@@ -99,7 +98,7 @@ def load_scenario(path: str | Path) -> Scenario:
 def parse_scenario(data: Any) -> Scenario:
     try:
         return _scenario(data)
-    except (DamageError, ConditionError) as exc:
+    except FieldError as exc:
         raise ScenarioError(str(exc)) from None
 
 

@@ -179,7 +179,7 @@ CASES = [
     ),
     (
         lambda d: _process(d, 4300).update(conditions=["hooked_dispatcher"]),
-        f"{P2}[0]: expected a kind name or an object, got 'hooked_dispatcher'",
+        f"{P2}[0]: expected an object, got str",
     ),
     (
         lambda d: _process(d, 4300).update(
