@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class ImageBuilder:
         names = [n for n in ("NtCallbackReturn", "ZwCallbackReturn") if n in usable]
         self.regions = RegionMap()
         dispatcher = ntdll.address("KiUserCallbackDispatcher")
+        dispatcher_return = ntdll.base + ntdll.extras["dispatcher_return"]
         self.ctx = ImageContext(
             kernel=self.kernel,
             mapper=ModuleMapper(self.kernel),
@@ -90,12 +92,26 @@ class ImageBuilder:
             win32u=build_win32u(),
             user32=build_user32(scenario.callback_table_size),
             ntdll_view=view,
-            facts=ImageFacts(truth.callback_return_range(view) if names else None, problem),
+            facts=ImageFacts(
+                truth.callback_return_range(view) if names else None,
+                problem,
+                dispatcher=_runtime_function(ntdll, dispatcher),
+                dispatcher_return=(
+                    dispatcher_return
+                    if symbols.has_type("_PS_NTDLL_EXPORTS")
+                    and symbols.has_field("_PS_NTDLL_EXPORTS", "KiUserCallbackDispatcherReturn")
+                    else 0
+                ),
+                kernel_names_dispatcher=any(
+                    symbols.has_symbol(n) for n in ("KeUserCallbackDispatcher", "PsNtdllExports")
+                ),
+            ),
             regions=self.regions,
-            dispatcher_return=ntdll.base + ntdll.extras["dispatcher_return"],
+            dispatcher_return=dispatcher_return,
             dispatcher_range=(dispatcher, dispatcher + 0x40),
             exe=self.exe,
             module=self.module,
+            seed=scenario.seed,
         )
         self._modules: dict[str, ModuleImage] = {
             m.name: m for m in (ntdll, self.ctx.win32u, self.ctx.user32)
@@ -158,6 +174,7 @@ class ImageBuilder:
             "processes": [by_pid[pid].inventory for pid in order],
             "threads": [record for pid in order for record in by_pid[pid].records],
             "damage": _damage_summary(scenario),
+            "conditions": _conditions_summary(scenario),
         }
         return BuiltImage(scenario, sym, self.memory, k, truth_doc, self.regions)
 
@@ -258,6 +275,18 @@ class ImageBuilder:
         target.records.append(record)
 
 
+def _runtime_function(ntdll: ModuleImage, address: int) -> tuple[int, int]:
+    """[BeginAddress, EndAddress) of the RUNTIME_FUNCTION (12-byte .pdata entry) the builder
+    gave the code at ``address``; the contract's 0x100 bytes from it when it has none."""
+    rva = address - ntdll.base
+    start, size = ntdll.pdata
+    for offset in range(start, start + size - 11, 12):
+        begin, end, _unwind = struct.unpack_from("<III", ntdll.data, offset)
+        if begin <= rva < end:
+            return ntdll.base + begin, ntdll.base + end
+    return address, address + 0x100
+
+
 def _damage_summary(scenario: Scenario) -> list[dict[str, Any]]:
     """The damage the scenario asked for, for a reader of the truth file."""
     items: list[dict[str, Any]] = []
@@ -297,6 +326,29 @@ def _damage_summary(scenario: Scenario) -> list[dict[str, Any]]:
                 items.append(
                     {"scope": "thread", "pid": proc.pid, "tid": thread.tid, "kind": item.kind}
                 )
+    return items
+
+
+def _conditions_summary(scenario: Scenario) -> list[dict[str, Any]]:
+    """The conditions the scenario asked for, for a reader of the truth file."""
+    items: list[dict[str, Any]] = []
+    for proc in scenario.processes:
+        for pc in proc.conditions:
+            items.append(
+                {"scope": "process", "pid": proc.pid, "kind": pc.kind, "module": pc.module}
+            )
+        for thread in proc.threads:
+            for c in thread.conditions:
+                item: dict[str, Any] = {
+                    "scope": "thread",
+                    "pid": proc.pid,
+                    "tid": thread.tid,
+                    "kind": c.kind,
+                }
+                item.update({k: v for k, v in (("at", c.at), ("level", c.level)) if v})
+                if c.size:
+                    item["size"] = c.size
+                items.append(item)
     return items
 
 

@@ -54,23 +54,21 @@ def apply_thread_damage(
     exp: ThreadExpectation,
 ) -> None:
     """Breaks one user thread as ``damage`` says: memory now, KTHREAD fields through
-    ``kthread`` (written by the caller), the expected report through ``exp``."""
+    ``kthread`` (written by the caller), the builder's facts about the thread through ``exp``
+    (expectation.thread_record then applies the contract's rules to them)."""
     k, w = kernel, kernel.writer
     for item in damage:
         kind = item.kind
         if kind == "trap_frame_null":
-            kthread["TrapFrame"] = 0
-            exp.trap_frame = "none"
+            kthread["TrapFrame"] = exp.kthread_trap_frame = 0
         elif kind == "trap_frame_unmapped":
             assert not k.space.is_mapped(UNMAPPED_KERNEL)
-            kthread["TrapFrame"] = UNMAPPED_KERNEL
-            exp.trap_frame = "unreadable"
+            kthread["TrapFrame"] = exp.kthread_trap_frame = UNMAPPED_KERNEL
         elif kind == "trap_frame_kernel":
             w.put(k.space, facts.trap_frame, "_KTRAP_FRAME", {"SegCs": KERNEL_CS})
-            exp.trap_frame = "none"
+            exp.user_mode = False
         elif kind == "teb_paged_out":
             _page_out(space, teb, teb + k.symbols.size("_TEB"))
-            exp.teb = "unreadable"
         elif kind in ("stack_bounds_inverted", "stack_bounds_absurd"):
             limit, base = (
                 (facts.stack_base, facts.stack_limit)
@@ -78,15 +76,14 @@ def apply_thread_damage(
                 else ABSURD_STACK
             )
             w.put(space, teb, "_TEB", {"NtTib.StackLimit": limit, "NtTib.StackBase": base})
-            exp.teb = "invalid"
+            exp.stack_limit, exp.stack_base = limit, base
         elif kind == "user_stack_paged_out":
             _page_out(space, facts.stack_limit, facts.stack_base)
-            exp.stack_paged_out = True
         elif kind == "rsp_outside_stack":
             rsp = facts.stack_limit - RSP_BELOW_STACK
             assert not space.is_mapped(rsp)
             w.put(k.space, facts.trap_frame, "_KTRAP_FRAME", {"Rsp": rsp})
-            exp.rsp, exp.rsp_outside = rsp, True
+            exp.rsp = rsp
         elif kind in ("ucallout_loop", "ucallout_downward", "ucallout_beyond_stack"):
             frame = facts.frames[0].frame
             target = {
@@ -95,17 +92,17 @@ def apply_thread_damage(
                 "ucallout_beyond_stack": facts.stack_base + BEYOND,
             }[kind]
             space.write(frame + _MF_RSP, struct.pack("<Q", target))
-            exp.outer_frame_broken = True
+            exp.user_frames[frame] = replace(exp.user_frames[frame], rsp=target)
         elif kind == "length_max":
-            space.write(facts.frames[0].frame + _LENGTH, struct.pack("<I", 0xFFFFFFFF))
-            exp.outer_frame_broken = True
+            frame = facts.frames[0].frame
+            space.write(frame + _LENGTH, struct.pack("<I", 0xFFFFFFFF))
+            exp.user_frames[frame] = replace(exp.user_frames[frame], length=0xFFFFFFFF)
         elif kind == "api_number":
             frame = facts.frames[item.level - 1].frame
             space.write(frame + _API_NUMBER, struct.pack("<I", item.value))
-            exp.api_numbers[item.level] = item.value
+            exp.user_frames[frame] = replace(exp.user_frames[frame], api=item.value)
         elif kind == "nesting_level":
-            kthread["CallbackNestingLevel"] = item.value
-            exp.nesting = item.value
+            kthread["CallbackNestingLevel"] = exp.nesting = item.value
         else:  # parse_thread_damage admits no other kind
             raise AssertionError(kind)
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from imagebuilder import spec_fields
+from imagebuilder.spec_fields import choice as _choice
+from imagebuilder.spec_fields import number as _number
+from imagebuilder.spec_fields import obj as _obj
+
 # Thread damage without parameters.
 TRAP_FRAME_KINDS = ("trap_frame_null", "trap_frame_unmapped", "trap_frame_kernel")
 TEB_KINDS = ("teb_paged_out", "stack_bounds_inverted", "stack_bounds_absurd")
@@ -44,7 +49,7 @@ CALLBACK_TABLE_KINDS = ("null", "unmapped")
 MAX_NESTING_VALUE = 255  # KTHREAD.CallbackNestingLevel is a UCHAR in some builds
 
 
-class DamageError(ValueError):
+class DamageError(spec_fields.FieldError):
     """A damage field is wrong; the message names it (ScenarioError re-raises it)."""
 
 
@@ -93,31 +98,6 @@ class ScenarioDamage:
     ntdll_exports: str | None = None
     process_list: ProcessListDamage | None = None
     foreign_threads: tuple[ForeignThread, ...] = ()
-
-
-def _obj(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DamageError(f"{where}: expected an object, got {type(value).__name__}")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise DamageError(
-            f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})"
-        )
-    return value
-
-
-def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise DamageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _number(value: Any, where: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DamageError(f"{where}: expected an integer, got {value!r}")
-    if not low <= value <= high:
-        raise DamageError(f"{where}: {value} is outside {low}..{high}")
-    return value
 
 
 def parse_thread_damage(data: Any, where: str, levels: int, kind: str) -> tuple[ThreadDamage, ...]:

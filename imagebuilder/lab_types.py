@@ -315,9 +315,15 @@ TYPES: dict[str, TypeDecl] = {
             ("MiscFlags", "long"),
         ),
         Overlay(
+            # 19041's ThreadFlags bits up to KernelStackResident (bit 17; bit 16 in 14393):
+            # 0 when the memory manager has swapped the thread's kernel stack out.
             _flags(ULONG, ("ThreadFlagsSpare", 2), ("AutoAlignment", 1), ("DisableBoost", 1),
                    ("AlertedByThreadId", 1), ("QuantumDonation", 1), ("EnableStackSwap", 1),
-                   ("GuiThread", 1)),
+                   ("GuiThread", 1), ("DisableQuantum", 1), ("ChargeOnlySchedulingGroup", 1),
+                   ("DeferPreemption", 1), ("QueueDeferPreemption", 1),
+                   ("ForceDeferSchedule", 1), ("SharedReadyQueueAffinity", 1),
+                   ("FreezeCount", 1), ("TerminationApcRequest", 1),
+                   ("AutoBoostEntriesExhausted", 1), ("KernelStackResident", 1)),
             ("ThreadFlags", "long"),
         ),
         ("SystemCallNumber", ULONG),

@@ -11,8 +11,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagebuilder import damage, executive, truth
-from imagebuilder.expectation import HandlerLookup, ImageFacts, ThreadExpectation, thread_record
+from imagebuilder import conditions, damage, executive, truth
+from imagebuilder.expectation import (
+    HandlerLookup,
+    ImageFacts,
+    KernelLevel,
+    ThreadExpectation,
+    UserFrame,
+    thread_record,
+)
 from imagebuilder.kernel_layout import Kernel
 from imagebuilder.process_layout import (
     FILETIME_2024,
@@ -32,7 +39,7 @@ from imagebuilder.process_layout import (
 )
 from imagebuilder.regions import RegionMap
 from imagebuilder.scenario import Process, Thread
-from imagebuilder.thread_layout import lay_out_kernel_thread, lay_out_user_thread
+from imagebuilder.thread_layout import StackFacts, lay_out_kernel_thread, lay_out_user_thread
 from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
 
 STATE_WAITING, STATE_TERMINATED = "Waiting", "Terminated"
@@ -55,6 +62,7 @@ class ImageContext:
     dispatcher_range: tuple[int, int]
     exe: Any  # name -> ModuleImage
     module: Any  # name -> ModuleImage
+    seed: int = 0
     sequence: int = 0
     spaces: list = field(default_factory=list)
 
@@ -80,6 +88,13 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     for module in [layout.exe, *modules]:
         ctx.mapper.map(space, module, private_data=module is ctx.user32)
         layout.vads.append(Vad(module.base, module.base + module.size - 1, module))
+    # Where this process's callback handlers return: into the dispatcher, or into a hook.
+    dispatcher_return = ctx.dispatcher_return
+    hook = conditions.process_hook(proc.conditions)
+    if hook is not None:
+        dispatcher_return = conditions.hook_dispatcher(
+            k.memory, space, ctx.ntdll, ctx.module(hook), ctx.dispatcher_return
+        )
     if "ntdll_exports" in proc.page_out:
         start, size = ctx.ntdll.export_dir
         for page in range(start & ~0xFFF, start + size, 0x1000):
@@ -133,7 +148,15 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         if thread.kind == "user":
             layout.vads.append(Vad(stack_base - USER_STACK_RESERVE, stack_base - 1))
             record, stack, state, wait_reason, exit_time = _user_thread(
-                ctx, layout, proc, thread, teb, stack_base, symbol_modules, handler
+                ctx,
+                layout,
+                proc,
+                thread,
+                teb,
+                stack_base,
+                symbol_modules,
+                handler,
+                dispatcher_return,
             )
         else:
             record, stack, state, wait_reason, exit_time = _kernel_only_thread(
@@ -303,6 +326,7 @@ def _user_thread(
     stack_base: int,
     modules: list[ModuleImage],
     handler: HandlerLookup,
+    dispatcher_return: int,
 ):
     k = ctx.kernel
     space = layout.space
@@ -324,8 +348,9 @@ def _user_thread(
         syscall_rips=rips,
         caller_return=caller,
         calls=calls,
-        dispatcher_return=ctx.dispatcher_return,
+        dispatcher_return=dispatcher_return,
         dispatcher_range=ctx.dispatcher_range,
+        plan=conditions.stack_plan(thread.conditions, len(calls)),
     )
     k.writer.put(
         space,
@@ -348,23 +373,70 @@ def _user_thread(
         if table:
             ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
     _record_targets(ctx, space, teb, facts)
-    exp = ThreadExpectation(
+    exp = _expectation(proc, thread, space, teb, facts)
+    damage.apply_thread_damage(
+        thread.damage, kernel=k, space=space, teb=teb, facts=facts, kthread=stack, exp=exp
+    )
+    conditions.apply_thread_conditions(
+        thread.conditions,
+        kernel=k,
+        space=space,
+        rng=conditions.condition_rng(ctx.seed, proc.pid, thread.tid),
+        facts=facts,
+        kthread=stack,
+        exp=exp,
+        dispatcher_return=dispatcher_return,
+        dispatcher_range=ctx.dispatcher_range,
+    )
+    for frame in exp.user_frames.values():
+        if frame.address not in {f.frame for f in facts.frames}:
+            ctx.regions.add_target("stale_ucallout_frame", space, frame.address - 8, 0x60)
+    record = thread_record(exp, ctx.facts, modules, handler)
+    return record, stack, exp.state, thread.wait_reason, 0
+
+
+def _expectation(
+    proc: Process, thread: Thread, space, teb: int, facts: StackFacts
+) -> ThreadExpectation:
+    """The builder's facts about a healthy user thread as lay_out_user_thread wrote it."""
+
+    def readable(address: int, size: int) -> bool:
+        return all(
+            space.is_mapped(page) for page in range(address & ~0xFFF, address + size, 0x1000)
+        )
+
+    return ThreadExpectation(
         pid=proc.pid,
         tid=thread.tid,
         process=proc.name,
         wow64=proc.wow64,
         state=STATE_WAITING,
         wait_reason=thread.wait_reason,
-        nesting=len(calls),
+        nesting=len(facts.frames),
+        trap_frame=facts.trap_frame,
+        kthread_trap_frame=facts.trap_frame,
         rip=facts.rip,
         rsp=facts.rsp,
-        frames=list(facts.frames),
+        stack_limit=facts.stack_limit,
+        stack_base=facts.stack_base,
+        levels=[
+            KernelLevel(
+                level=f.level,
+                trap_frame=facts.trap_frames[f.level - 1],
+                trap_rip=facts.syscall_rips[f.level - 1],
+                frame=f.frame,
+                callout_trap_frame=facts.trap_frames[f.level - 1],
+            )
+            for f in facts.frames
+        ],
+        readable=readable,
+        # NT_TIB.StackBase (+8) and StackLimit (+0x10) are what the plugin reads.
+        teb_readable=lambda: readable(teb, 0x18),
+        user_frames={
+            f.frame: UserFrame(f.frame, f.api, f.buffer, f.length, f.rip, f.rsp, f.return_address)
+            for f in facts.frames
+        },
     )
-    damage.apply_thread_damage(
-        thread.damage, kernel=k, space=space, teb=teb, facts=facts, kthread=stack, exp=exp
-    )
-    record = thread_record(exp, ctx.facts, modules, handler)
-    return record, stack, STATE_WAITING, thread.wait_reason, 0
 
 
 def _inventory(

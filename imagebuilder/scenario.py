@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagebuilder.conditions_spec import (
+    ProcessCondition,
+    ThreadCondition,
+    parse_process_conditions,
+    parse_thread_conditions,
+)
 from imagebuilder.damage_spec import (
-    DamageError,
     ProcessDamage,
     ScenarioDamage,
     ThreadDamage,
@@ -21,6 +26,7 @@ from imagebuilder.damage_spec import (
     parse_scenario_damage,
     parse_thread_damage,
 )
+from imagebuilder.spec_fields import FieldError
 
 # Modules the builder knows how to write.  Any other name becomes a plain DLL with a few
 # exports, so a scenario can place a KernelCallbackTable entry in a foreign module.
@@ -51,6 +57,7 @@ class Thread:
     callbacks: tuple[Callback, ...] = ()
     wait_reason: str = "UserRequest"
     damage: tuple[ThreadDamage, ...] = ()
+    conditions: tuple[ThreadCondition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Process:
     callback_overrides: dict[int, str] = field(default_factory=dict)
     page_out: tuple[str, ...] = ()
     damage: ProcessDamage = ProcessDamage()
+    conditions: tuple[ProcessCondition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ def load_scenario(path: str | Path) -> Scenario:
 def parse_scenario(data: Any) -> Scenario:
     try:
         return _scenario(data)
-    except DamageError as exc:
+    except FieldError as exc:
         raise ScenarioError(str(exc)) from None
 
 
@@ -157,6 +165,7 @@ def _process(data: Any, where: str, table_size: int) -> Process:
             "callback_overrides",
             "page_out",
             "damage",
+            "conditions",
         },
     )
     pid = _int(obj.get("pid"), f"{where}.pid", 8, 0xFFFFFFFC)
@@ -226,12 +235,15 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         callback_overrides=overrides,
         page_out=page_out,
         damage=damage,
+        conditions=parse_process_conditions(
+            obj.get("conditions", []), f"{where}.conditions", modules
+        ),
     )
 
 
 def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) -> Thread:
     obj = _mapping(data, where)
-    _only(obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason", "damage"})
+    _only(obj, where, {"tid", "kind", "wait", "callbacks", "wait_reason", "damage", "conditions"})
     tid = _int(obj.get("tid"), f"{where}.tid", 4, 0xFFFFFFFC)
     if tid % 4:
         raise ScenarioError(f"{where}.tid: {tid} is not a multiple of 4 (Windows ids are)")
@@ -259,6 +271,13 @@ def _thread(data: Any, where: str, modules: tuple[str, ...], table_size: int) ->
         callbacks=callbacks,
         wait_reason=_str(obj.get("wait_reason", "UserRequest"), f"{where}.wait_reason"),
         damage=parse_thread_damage(obj.get("damage", []), f"{where}.damage", len(callbacks), kind),
+        conditions=parse_thread_conditions(
+            obj.get("conditions", []),
+            f"{where}.conditions",
+            len(callbacks),
+            kind,
+            bool(obj.get("damage")),
+        ),
     )
 
 

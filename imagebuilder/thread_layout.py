@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imagebuilder.kernel_layout import Kernel
 from imagebuilder.memory import PAGE, AddressSpace
+from imagebuilder.process_layout import USER_STACK_RESERVE
 
 UCALLOUT_FRAME_SIZE = 0x58  # x64 UCALLOUT_FRAME (ReactOS ketypes.h)
 USER_CS, USER_SS, USER_EFLAGS = 0x33, 0x2B, 0x246
@@ -36,6 +37,7 @@ class FrameFact:
     length: int
     rip: int  # MachineFrame.Rip: the syscall this callback interrupted
     rsp: int  # MachineFrame.Rsp
+    return_address: int = 0  # the qword just below the frame (where the handler returns)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,33 @@ class StackFacts:
     # (label, kernel address, size) of each kernel structure laid out: the fuzz harness aims
     # its mutations at them (regions.RegionMap.targets).
     kernel_structures: tuple[tuple[str, int, int], ...] = ()
+    # T(j), j = 0..K: the _KTRAP_FRAME at each segment's InitialStack - sizeof(_KTRAP_FRAME).
+    trap_frames: tuple[int, ...] = ()
+    # The KCALLOUT_FRAME (_KEXCEPTION_FRAME) of each level k = 1..K, on segment k-1.
+    callout_frames: tuple[int, ...] = ()
+    # (StackBase, StackLimit) of each kernel stack segment, the original stack first.
+    segments: tuple[tuple[int, int], ...] = ()
+    # T(j)'s original user Rsp, j = 0..K: user_rsps[k] (k >= 1) is where level k's handler
+    # called its system call (the bottom of its locals); user_rsps[K] is the current Rsp.
+    user_rsps: tuple[int, ...] = ()
+    syscall_rips: tuple[int, ...] = ()  # T(j).Rip, j = 0..K
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """What a thread's conditions (imagebuilder/conditions.py) need from the stack layout."""
+
+    # level -> at least this many bytes between the level's return slot and the Rsp of the
+    # system call its handler makes (the handler's locals).
+    min_gaps: dict[int, int] = field(default_factory=dict)
+    # Levels whose handler locals are written only near both ends: a deep stack's middle
+    # pages are left unmapped, as pages nobody wrote, so the image stays small.
+    hollow: frozenset[int] = frozenset()
+    # Bytes of freed stack below the current Rsp that stay inside the TEB bounds.
+    below_rsp: int = 0
+
+
+_HOLLOW_EDGE = 0x400  # handler locals written at each end of a hollow gap
 
 
 def lay_out_user_thread(
@@ -62,19 +91,23 @@ def lay_out_user_thread(
     calls: list[tuple[int, int, int]],
     dispatcher_return: int,
     dispatcher_range: tuple[int, int],
+    plan: StackPlan | None = None,
 ) -> tuple[StackFacts, dict[str, int]]:
     """Write the user stack and the kernel stack segments of one thread.
 
     ``syscall_rips[j]`` is the Rip of trap frame T(j) (after the ``syscall`` instruction);
-    ``calls[k-1]`` = (api, handler, input length) for level k.  Returns the user-side facts
-    and the KTHREAD stack fields.
+    ``calls[k-1]`` = (api, handler, input length) for level k; ``dispatcher_return`` is where
+    handlers return (into KiUserCallbackDispatcher, or into a hook of it).  Returns the
+    user-side facts and the KTHREAD stack fields.
     """
     sym, w = kernel.symbols, kernel.writer
+    plan = plan or StackPlan()
     levels = len(calls)
     # -- user stack ------------------------------------------------------------------------
     rsp = stack_base - 0x200 - 16 * rng.randint(0, 24) - 8  # Rsp is 8 mod 16 inside a stub
     user_rsp = [rsp]
     lowest = rsp
+    holes: list[tuple[int, int]] = []  # never written: left without a mapping
     space.write(rsp, struct.pack("<Q", caller_return))
     frames: list[FrameFact] = []
     for level, (api, handler, length) in enumerate(calls, start=1):
@@ -91,18 +124,37 @@ def lay_out_user_thread(
         )
         space.write(frame - 8, struct.pack("<Q", dispatcher_return))
         # The handler's own frames, then the call into the next system-call stub.
-        gap = 0x30 + 16 * rng.randint(1, 40)
+        gap = max(0x30 + 16 * rng.randint(1, 40), (plan.min_gaps.get(level, 0) + 15) & ~15)
         handler_rsp = frame - 8 - gap
-        junk = [_junk(rng, dispatcher_range) for _ in range((gap - 8) // 8)]
-        space.write(handler_rsp + 8, struct.pack(f"<{len(junk)}Q", *junk))
+        if level in plan.hollow and gap > 4 * _HOLLOW_EDGE:
+            _write_junk(space, rng, handler_rsp + 8, _HOLLOW_EDGE, dispatcher_range)
+            _write_junk(space, rng, frame - 8 - _HOLLOW_EDGE, _HOLLOW_EDGE, dispatcher_range)
+            holes.append((handler_rsp + 8 + _HOLLOW_EDGE, frame - 8 - _HOLLOW_EDGE))
+        else:
+            _write_junk(space, rng, handler_rsp + 8, gap - 8, dispatcher_range)
         space.write(handler_rsp, struct.pack("<Q", handler + 4))
         frames.append(
-            FrameFact(level, frame, api, handler, buffer, length, syscall_rips[level - 1], prev_rsp)
+            FrameFact(
+                level,
+                frame,
+                api,
+                handler,
+                buffer,
+                length,
+                syscall_rips[level - 1],
+                prev_rsp,
+                dispatcher_return,
+            )
         )
         user_rsp.append(handler_rsp)
         lowest = handler_rsp
-    stack_limit = (lowest & ~(PAGE - 1)) - PAGE
-    space.ensure(stack_limit, stack_base - stack_limit)
+    stack_limit = ((lowest - plan.below_rsp) & ~(PAGE - 1)) - PAGE
+    if stack_base - stack_limit > USER_STACK_RESERVE:
+        raise ValueError(
+            f"a user stack of {stack_base - stack_limit:#x} bytes exceeds the"
+            f" {USER_STACK_RESERVE:#x} bytes reserved per thread"
+        )
+    _ensure_except(space, stack_limit, stack_base, holes)
 
     # -- kernel stacks -----------------------------------------------------------------------
     trap_size = sym.size("_KTRAP_FRAME")
@@ -179,6 +231,11 @@ def lay_out_user_thread(
         stack_base,
         stack_limit,
         tuple(structures),
+        trap_frames=tuple(s[3] for s in segments),
+        callout_frames=tuple(callout_frames),
+        segments=tuple((s[0], s[1]) for s in segments),
+        user_rsps=tuple(user_rsp),
+        syscall_rips=tuple(syscall_rips),
     )
     kthread = {
         "InitialStack": initial,
@@ -187,6 +244,7 @@ def lay_out_user_thread(
         "KernelStack": trap - 0x300,
         "TrapFrame": trap,
         "CallbackNestingLevel": levels,
+        "KernelStackResident": 1,
     }
     return facts, kthread
 
@@ -205,7 +263,23 @@ def lay_out_kernel_thread(kernel: Kernel) -> dict[str, int]:
         "KernelStack": initial - 0x400,
         "TrapFrame": 0,
         "CallbackNestingLevel": 0,
+        "KernelStackResident": 1,
     }
+
+
+def _write_junk(
+    space: AddressSpace, rng: random.Random, start: int, size: int, avoid: tuple[int, int]
+) -> None:
+    """Stale locals: small numbers and zeros, never a return address into ``avoid``."""
+    junk = [_junk(rng, avoid) for _ in range(size // 8)]
+    space.write(start, struct.pack(f"<{len(junk)}Q", *junk))
+
+
+def _ensure_except(space: AddressSpace, start: int, end: int, holes: list[tuple[int, int]]) -> None:
+    """Map [start, end) except the pages lying wholly inside a hole."""
+    for page in range(start & ~(PAGE - 1), end, PAGE):
+        if not any(lo <= page and page + PAGE <= hi for lo, hi in holes):
+            space.ensure(page, PAGE)
 
 
 def _junk(rng: random.Random, avoid: tuple[int, int]) -> int:

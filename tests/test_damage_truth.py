@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from imagebuilder import damage
 from imagebuilder.build import build_image
 from imagebuilder.isf import SymbolTable
 from imagebuilder.scenario import parse_scenario
@@ -55,37 +56,62 @@ def test_thread_damage_outcomes_as_the_contract_words_them(images):
     """A few outcomes spelled out, so that a builder mistake shared with the plugin shows."""
     threads = _by_tid(images.truth("damaged-threads", "lab"))
     pid = 5000
+    # KTHREAD.TrapFrame null: T(K) (the current segment's trap frame) still gives the values.
     null = threads[(pid, 5008)]
-    assert (null["rip"], null["symbol"], null["frames"], null["reason"]) == (
-        None,
-        None,
-        [],
-        "in-callback",
-    )
-    assert null["notes"] == (
-        "no user-mode trap frame; callback frames found: 0, CallbackNestingLevel: 1"
-    )
-    assert threads[(pid, 5012)]["notes"] == "no user-mode trap frame; unreadable: trap frame"
+    assert null["notes"] == "KTHREAD.TrapFrame differs: 0x0"
+    assert null["symbol"] == "ntdll.dll!NtCallbackReturn+0x14"
+    assert null["reason"] == "at-return+in-callback" and len(null["frames"]) == 1
+    unmapped = threads[(pid, 5012)]
+    assert unmapped["notes"] == f"KTHREAD.TrapFrame differs: {damage.UNMAPPED_KERNEL:#x}"
+    kernel_mode = threads[(pid, 5016)]
+    assert (kernel_mode["rip"], kernel_mode["notes"]) == (None, "no user-mode trap frame")
+    assert [f["kernel_side"] for f in kernel_mode["frames"]] == ["agrees"]
     teb = threads[(pid, 5020)]
     assert teb["notes"] == "unreadable: TEB" and len(teb["frames"]) == 2
-    assert threads[(pid, 5024)]["notes"] == (
+    paged = threads[(pid, 5024)]
+    assert paged["notes"] == (
         "callback frames found: 0, CallbackNestingLevel: 1; unreadable: user stack"
     )
+    assert paged["kernel_side"] == "unreadable: user stack"
+    (level,) = paged["frames"]
+    assert (level["level"], level["api_number"], level["rsp"], level["notes"]) == (
+        1,
+        None,
+        None,
+        "unreadable: user stack",
+    )
+    assert level["rip"] is not None and level["frame"] is not None
     assert threads[(pid, 5028)]["notes"] == "invalid: TEB stack bounds"
-    assert threads[(pid, 5036)]["notes"].endswith("invalid: Rsp outside the TEB stack")
+    assert threads[(pid, 5036)]["notes"] == "invalid: Rsp outside the TEB stack"
     loop = threads[(pid, 5040)]
-    assert [f["level"] for f in loop["frames"]] == [2]  # the inner level keeps its number
-    assert loop["frames"][0]["kernel_side"] == "agrees"
-    assert [f["level"] for f in threads[(pid, 5048)]["frames"]] == [2, 3]
+    assert loop["notes"] == "callback frames found: 1, CallbackNestingLevel: 2"
+    assert loop["kernel_side"] == "mismatch"
+    outer, inner = loop["frames"]
+    assert outer["kernel_side"] == f"mismatch: Frame {outer['frame']:#x} is not a UCALLOUT_FRAME"
+    assert outer["rsp"] == outer["frame"]  # MachineFrame.Rsp as read: the frame itself
+    assert (inner["level"], inner["kernel_side"]) == (2, "agrees")
+    assert [f["level"] for f in threads[(pid, 5048)]["frames"]] == [1, 2, 3]
+    assert threads[(pid, 5052)]["frames"][0]["length"] == 0xFFFFFFFF
     api = threads[(pid, 5056)]["frames"][1]
     assert (api["api_number"], api["handler"], api["notes"]) == (65536, None, "invalid: ApiNumber")
     near = threads[(pid, 5060)]["frames"][0]
     assert (near["api_number"], near["handler"], near["notes"]) == (200, 0, "")
-    assert threads[(pid, 5064)]["notes"] == "callback frames found: 2, CallbackNestingLevel: 255"
+    assert threads[(pid, 5064)]["notes"] == (
+        "kernel callout levels: 2, CallbackNestingLevel: 255; "
+        "callback frames found: 2, CallbackNestingLevel: 255"
+    )
+    # No callout level: the TEB is not read, so its damage does not show.
+    no_levels = threads[(pid, 5068)]
+    assert no_levels["notes"] == (
+        "kernel callout levels: 0, CallbackNestingLevel: 2; "
+        "callback frames found: 0, CallbackNestingLevel: 2"
+    )
+    assert (no_levels["reason"], no_levels["kernel_side"]) == ("in-callback", None)
     assert threads[(6000, 6004)]["frames"][0]["notes"] == "invalid: KernelCallbackTable"
     assert threads[(6100, 6104)]["notes"] == "unreadable: KernelCallbackTable"
     for healthy in ((pid, 5004), (pid, 5072), (6200, 6204)):
         assert threads[healthy]["notes"] == ""
+        assert threads[healthy]["kernel_side"] == "agrees"
 
 
 def test_list_damage_keeps_every_thread_and_warns(images, caplog):

@@ -14,7 +14,7 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 PLUGIN = "windows.kcbwait.KcbWait"
-SCENARIOS = ["basic", "nt-only"]
+SCENARIOS = ["basic", "nt-only", "real-machine"]  # real-machine: tests/test_real_machine.py
 THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wow64",
                   "Reason": "reason", "State": "state", "WaitReason": "wait_reason",
                   "NestingLevel": "nesting_level", "Rip": "rip", "Symbol": "symbol",
