@@ -26,6 +26,18 @@ PageSource = Callable[[int], Optional[bytes]]
 """Returns the PAGE_SIZE bytes of the page at a page-aligned address, or None if unreadable."""
 
 
+def canonical(address: int) -> int:
+    """``address`` in x64 canonical form (bits 63..48 copies of bit 47).
+
+    Volatility masks pointer members to the layer's 48 address bits; a value shown to the
+    analyst should read as Windows stores it (0xffffd00a... for a kernel address).
+    """
+    address &= (1 << 64) - 1
+    if address & (1 << 47):
+        return address | 0xFFFF_0000_0000_0000
+    return address & 0x0000_FFFF_FFFF_FFFF
+
+
 def try_read(getter: Callable[[], T]) -> T | None:
     """Runs ``getter`` and returns its value, or None when it touched unreadable memory."""
     try:

@@ -242,7 +242,7 @@ class ThreadAnalyzer:
         if fields.trap_frame is not None and (
             fields.trap_frame & self._mask != current.address & self._mask
         ):
-            differs = fields.trap_frame
+            differs = memory.canonical(fields.trap_frame)
         return current, differs
 
     def _reader(self, info: process_info.ProcessInfo, max_pages: int) -> memory.PagedReader:
