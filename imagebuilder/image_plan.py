@@ -145,9 +145,7 @@ class ImagePlan:
     # -- linking ---------------------------------------------------------------------------------
     def link(self) -> PeImage:
         """The PeImage with every piece assembled, exports and .pdata written."""
-        img = new_image(
-            self.name, page_up(self.cursor), [(n, rva, kind) for n, rva, kind in self.sections]
-        )
+        img = new_image(self.name, page_up(self.cursor), list(self.sections))
         for item in self._items:
             img.put(item.section, item.rva, assemble(item.code, item.rva, self.base, self.labels))
         img.directories.update(self.directories)
