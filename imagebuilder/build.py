@@ -84,13 +84,14 @@ class ImageBuilder:
         self.regions = RegionMap()
         dispatcher = ntdll.address("KiUserCallbackDispatcher")
         dispatcher_return = ntdll.base + ntdll.extras["dispatcher_return"]
+        win32u = build_win32u()
         self.ctx = ImageContext(
             kernel=self.kernel,
             mapper=ModuleMapper(self.kernel),
             rng=random.Random(scenario.seed),
             ntdll=ntdll,
-            win32u=build_win32u(),
-            user32=build_user32(scenario.callback_table_size),
+            win32u=win32u,
+            user32=build_user32(scenario.callback_table_size, ntdll, win32u),
             ntdll_view=view,
             facts=ImageFacts(
                 truth.callback_return_range(view) if names else None,

@@ -53,6 +53,8 @@ class PeImage:
     export_rva: int = 0
     export_size: int = 0
     pdata_rva: int = 0
+    # Further IMAGE_DATA_DIRECTORY entries (index -> RVA, size): imports, IAT, base relocations.
+    directories: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Where build_exports put the arrays and each name string (RVAs), for damage.py.
     export_layout: dict[str, Any] = field(default_factory=dict)
 
@@ -187,6 +189,8 @@ class PeImage:
         struct.pack_into("<II", hdr, dirs + 0 * 8, self.export_rva, self.export_size)
         if self.pdata:
             struct.pack_into("<II", hdr, dirs + 3 * 8, self.pdata_rva, 12 * len(self.pdata))
+        for index, (rva, size) in self.directories.items():
+            struct.pack_into("<II", hdr, dirs + 8 * index, rva, size)
         sec_table = opt + 0xF0
         for i, sec in enumerate(self.sections):
             struct.pack_into(
@@ -194,9 +198,9 @@ class PeImage:
                 hdr,
                 sec_table + 40 * i,
                 sec.name.encode("utf-8", "surrogatepass")[:8],
-                _page_up(sec.virtual_size),
+                page_up(sec.virtual_size),
                 sec.rva,
-                _page_up(sec.virtual_size),
+                page_up(sec.virtual_size),
                 sec.rva,
                 0,
                 0,
@@ -233,8 +237,16 @@ def set_image_base(image: bytes, base: int) -> bytes:
     return bytes(out)
 
 
-def _page_up(value: int) -> int:
+def page_up(value: int) -> int:
     return (value + PAGE - 1) & ~(PAGE - 1)
+
+
+def export_directory_size(dll_name: str, exports: dict[str, int], functions: int) -> int:
+    """The size ``PeImage.build_exports`` gives a directory of ``exports`` (name -> RVA) with
+    ``functions`` distinct addresses."""
+    strings = len(dll_name.encode("utf-8", "surrogatepass")) + 1
+    strings += sum(len(name.encode()) + 1 for name in exports)
+    return 40 + 4 * functions + 6 * len(exports) + strings
 
 
 def new_image(name: str, size_of_image: int, sections: list[tuple[str, int, int]]) -> PeImage:

@@ -340,6 +340,9 @@ def _user_thread(
     rips = [_syscall_rip(ctx, cb.syscall) for cb in thread.callbacks]
     rips.append(_syscall_rip(ctx, thread.wait))
     caller = layout.exe.base + 0x1000 + 0x10
+    if not calls and thread.wait in ("NtCallbackReturn", "ZwCallbackReturn"):
+        # Without a handler frame below it, NtCallbackReturn was called by the dispatcher.
+        caller = ctx.ntdll.base + ctx.ntdll.extras["dispatcher_callback_return"]
     facts, stack = lay_out_user_thread(
         k,
         space,
@@ -463,5 +466,5 @@ def _inventory(
             {"start": v.start, "end": v.end, "file": v.module.path if v.module else None}
             for v in sorted(layout.vads, key=lambda v: v.start)
         ],
-        "exports": {m.name: {n: m.base + r for n, r in m.exports.items()} for m in all_modules},
+        "exports": {m.name: m.inventory_exports() for m in all_modules},
     }

@@ -21,12 +21,7 @@ def symbolize(address: int | None, modules: list[ModuleImage]) -> str | None:
         if not module.contains(address):
             continue
         rva = address - module.base
-        best: tuple[int, str] | None = None
-        for name, export_rva in module.exports.items():
-            if export_rva <= rva and (
-                best is None or export_rva > best[0] or (export_rva == best[0] and name < best[1])
-            ):
-                best = (export_rva, name)
+        best = module.nearest_export(rva)  # alphabetically first name at the nearest address
         if best is not None and rva - best[0] < NEAR_EXPORT:
             offset = rva - best[0]
             return f"{module.name}!{best[1]}" + (f"+{offset:#x}" if offset else "")
