@@ -24,9 +24,11 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     kernel_facts,
     memory,
     ntdll_exports,
+    pdb_names,
     pe_exports,
     read_stats,
     results,
+    runtime_functions,
     symbolizer,
     text,
 )
@@ -157,6 +159,8 @@ class ImageCatalog:
         self._ntdll: dict[tuple[Fingerprint, int], ntdll_exports.NtdllFacts] = {}
         self._copies: dict[ImageKey, list[str]] | None = None
         self._by_address: dict[int, ProcessInfo] | None = None
+        self._symbols: dict[Fingerprint, symbolizer.ModuleSymbols] = {}
+        self.pdb_names = pdb_names.PdbNames(context)
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
 
     def process_info(self, proc: interfaces.objects.ObjectInterface) -> ProcessInfo:
@@ -326,8 +330,55 @@ class ImageCatalog:
                     break
         return self._image_ntdll
 
+    def module_symbols(
+        self, module: symbolizer.LoadedModule, layer_name: str | None
+    ) -> symbolizer.ModuleSymbols:
+        """Names and functions of ``module`` as ``layer_name`` maps it (once per copy): PDB
+        symbols when Volatility has the module's PDB table, else exports."""
+        key = self.fingerprint(module, layer_name)
+        if key not in self._symbols:
+            names = self.exports(module, layer_name)
+            from_pdb = False
+            if layer_name is not None:
+                codeview = self._codeview(module, layer_name)
+                pdb = self.pdb_names.names(codeview) if codeview is not None else None
+                if pdb:
+                    names = pe_exports.ModuleExports.from_pairs(
+                        module.base, ((n, module.base + rva) for n, rva in pdb)
+                    )
+                    from_pdb = True
+            functions = runtime_functions.RuntimeFunctions.parse(self._pdata(module, layer_name))
+            if len(self._symbols) >= MAX_CACHED_IMAGES:
+                del self._symbols[next(iter(self._symbols))]
+            self._symbols[key] = symbolizer.ModuleSymbols(
+                names, functions, self._unwind_reader(module, layer_name), from_pdb
+            )
+        return self._symbols[key]
+
+    def _codeview(
+        self, module: symbolizer.LoadedModule, layer_name: str
+    ) -> pdb_names.CodeView | None:
+        headers, _problem = pe_exports.read_headers(
+            self._context, layer_name, module.base, self.stats
+        )
+        if headers is None:
+            return None
+        return pdb_names.read_codeview(self._context, layer_name, module.base, headers, self.stats)
+
+    def _unwind_reader(
+        self, module: symbolizer.LoadedModule, layer_name: str | None
+    ) -> runtime_functions.UnwindReader:
+        def read(rva: int, length: int) -> bytes | None:
+            if layer_name is None or not 0 <= rva < module.size:
+                return None
+            return memory.read_bytes(
+                self._context, layer_name, module.base + rva, length, self.stats
+            )
+
+        return read
+
     def symbolizer(self, info: ProcessInfo) -> symbolizer.Symbolizer:
-        """A Symbolizer over ``info``'s modules backed by this catalog's export cache."""
+        """A Symbolizer over ``info``'s modules backed by this catalog's caches."""
         return symbolizer.Symbolizer(
-            info.modules, lambda module: self.exports(module, info.layer_name)
+            info.modules, lambda module: self.module_symbols(module, info.layer_name)
         )
