@@ -60,6 +60,8 @@ COLUMNS = [
     ("ApiNumber", int),
     ("Handler", format_hints.Hex),
     ("HandlerSymbol", str),
+    ("Callback", str),
+    ("Table", str),
     ("Buffer", format_hints.Hex),
     ("Length", int),
     ("KernelSide", str),
@@ -83,7 +85,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
     """Lists threads waiting at ZwCallbackReturn or inside kernel-to-user callbacks (x64)."""
 
     _required_framework_version = (2, 26, 0)
-    _version = (2, 0, 0)
+    _version = (3, 0, 0)
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
@@ -218,6 +220,8 @@ class KcbWait(interfaces.plugins.PluginInterface):
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
+            _cell(wording.table_verdict(result.table)),
+            renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             _cell(wording.kernel_side(result.kernel_side, thread_row=True)),
             wording.thread_notes(result.notes),
@@ -252,6 +256,8 @@ class KcbWait(interfaces.plugins.PluginInterface):
             _cell(None if frame is None else frame.api_number, results.Field.API_NUMBER, columns),
             _cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
             _cell(text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns),
+            _cell(callback.callback),
+            _cell(wording.table_verdict(callback.table)),
             _cell(
                 None if frame is None else frame.buffer,
                 results.Field.BUFFER,
