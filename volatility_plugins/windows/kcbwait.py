@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
-from volatility3.plugins.windows import pslist, threads
+from volatility3.plugins.windows import pslist, threads, vadinfo
 from volatility3.plugins.windows.kcbwait_analysis import (
     findings,
     kernel_facts,
     memory,
+    pdb_names,
     process_info,
     read_stats,
     results,
@@ -103,6 +104,10 @@ class KcbWait(interfaces.plugins.PluginInterface):
             requirements.VersionRequirement(
                 name="threads", component=threads.Threads, version=(3, 0, 0)
             ),
+            requirements.VersionRequirement(
+                name="vadinfo", component=vadinfo.VadInfo, version=(2, 0, 0)
+            ),
+            pdb_names.version_requirement(),
             requirements.ListRequirement(
                 name="pid",
                 element_type=int,

@@ -153,8 +153,7 @@ def hijack(item: callback_table.Hijack) -> str:
         return f"hijacked: table at {item.table:#x} in {where(item.where)}"
     if isinstance(item, callback_table.TableInWritableSection):
         return (
-            f"hijacked: table at {item.table:#x} in writable section {item.section} "
-            f"of {item.owner}"
+            f"hijacked: table at {item.table:#x} in writable section {item.section} of {item.owner}"
         )
     if isinstance(item, callback_table.TableOutsideSections):
         return f"hijacked: table at {item.table:#x} outside the sections of {item.owner}"
