@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from volatility3.framework import constants, interfaces, renderers
-from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
-from volatility3.plugins.windows import pslist, vadinfo
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_table,
     kernel_facts,
     memory,
-    pdb_names,
+    plugin_requirements,
     process_info,
     read_stats,
     results,
@@ -90,24 +88,7 @@ class KcbTable(interfaces.plugins.PluginInterface):
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return [
-            requirements.ModuleRequirement(
-                name="kernel", description="Windows kernel", architectures=["Intel32", "Intel64"]
-            ),
-            requirements.VersionRequirement(
-                name="pslist", component=pslist.PsList, version=(3, 0, 0)
-            ),
-            requirements.VersionRequirement(
-                name="vadinfo", component=vadinfo.VadInfo, version=(2, 0, 0)
-            ),
-            pdb_names.version_requirement(),
-            requirements.ListRequirement(
-                name="pid",
-                element_type=int,
-                description="Process IDs to include (all other processes are excluded)",
-                optional=True,
-            ),
-        ]
+        return plugin_requirements.common_requirements()
 
     @classmethod
     def analyse_tables(
@@ -119,21 +100,8 @@ class KcbTable(interfaces.plugins.PluginInterface):
         stats: read_stats.ReadStats | None = None,
     ) -> Iterator[TableResult]:
         """One TableResult per process and table (pslist order; the 64-bit table first)."""
-        facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
-        catalog = process_info.ImageCatalog(
-            context,
-            facts,
-            lambda: pslist.PsList.list_processes(context, kernel_module_name),
-            stats,
-        )
-        processes = list(
-            memory.bounded(
-                pslist.PsList.list_processes(
-                    context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
-                ),
-                process_info.MAX_PROCESSES,
-            )
-        )
+        catalog = process_info.ImageCatalog.for_kernel(context, kernel_module_name, stats)
+        processes = process_info.listed_processes(context, kernel_module_name, pids)
         for index, proc in enumerate(processes):
             info = catalog.process_info(proc)
             if progress_callback is not None:

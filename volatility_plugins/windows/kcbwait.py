@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
-from volatility3.plugins.windows import pslist, threads, vadinfo
+from volatility3.plugins.windows import threads
 from volatility3.plugins.windows.kcbwait_analysis import (
     findings,
     kernel_facts,
     memory,
-    pdb_names,
+    plugin_requirements,
     process_info,
     read_stats,
     results,
@@ -91,28 +91,9 @@ class KcbWait(interfaces.plugins.PluginInterface):
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            # Intel32 is accepted only so that a 32-bit image gets this plugin's own clear
-            # error message instead of an unsatisfied-requirement listing.
-            requirements.ModuleRequirement(
-                name="kernel",
-                description="Windows kernel",
-                architectures=["Intel32", "Intel64"],
-            ),
-            requirements.VersionRequirement(
-                name="pslist", component=pslist.PsList, version=(3, 0, 0)
-            ),
+            *plugin_requirements.common_requirements(),
             requirements.VersionRequirement(
                 name="threads", component=threads.Threads, version=(3, 0, 0)
-            ),
-            requirements.VersionRequirement(
-                name="vadinfo", component=vadinfo.VadInfo, version=(2, 0, 0)
-            ),
-            pdb_names.version_requirement(),
-            requirements.ListRequirement(
-                name="pid",
-                element_type=int,
-                description="Process IDs to include (all other processes are excluded)",
-                optional=True,
             ),
             requirements.ListRequirement(
                 name="tid",
@@ -153,25 +134,12 @@ class KcbWait(interfaces.plugins.PluginInterface):
         ReadStats when not given) and are logged at debug level when the run ends.
         """
         stats = stats if stats is not None else read_stats.ReadStats()
-        facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
-        catalog = process_info.ImageCatalog(
-            context,
-            facts,
-            lambda: pslist.PsList.list_processes(context, kernel_module_name),
-            stats,
-        )
+        catalog = process_info.ImageCatalog.for_kernel(context, kernel_module_name, stats)
         analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog, stats)
         lister = thread_list.ThreadLister(context, kernel_module_name, stats)
         tid_filter = set(tids or [])
         # Listing the processes first (bounded) gives the progress callback a total.
-        processes = list(
-            memory.bounded(
-                pslist.PsList.list_processes(
-                    context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
-                ),
-                process_info.MAX_PROCESSES,
-            )
-        )
+        processes = process_info.listed_processes(context, kernel_module_name, pids)
         budget = MAX_TOTAL_THREADS
         try:
             for index, proc in enumerate(processes):

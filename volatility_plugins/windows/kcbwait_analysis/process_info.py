@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Tuple
 
 from volatility3.framework import exceptions, interfaces
-from volatility3.plugins.windows import vadinfo
+from volatility3.plugins.windows import pslist, vadinfo
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_table,
     kernel_facts,
@@ -143,6 +143,22 @@ def read_process_info(
     return info
 
 
+def listed_processes(
+    context: interfaces.context.ContextInterface,
+    kernel_module_name: str,
+    pids: list[int] | None = None,
+) -> list[interfaces.objects.ObjectInterface]:
+    """The processes pslist walks (narrowed to ``pids``), at most MAX_PROCESSES."""
+    return list(
+        memory.bounded(
+            pslist.PsList.list_processes(
+                context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
+            ),
+            MAX_PROCESSES,
+        )
+    )
+
+
 class ImageCatalog:
     """Per-image caches: export tables, ntdll facts and process infos, keyed so that each image
     is parsed once per run."""
@@ -172,6 +188,21 @@ class ImageCatalog:
         self._protect_values: list[int] | None = None
         self._protect_values_read = False
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
+
+    @classmethod
+    def for_kernel(
+        cls,
+        context: interfaces.context.ContextInterface,
+        kernel_module_name: str,
+        stats: read_stats.ReadStats | None = None,
+    ) -> ImageCatalog:
+        """The catalog of the image whose kernel module is ``kernel_module_name``."""
+        return cls(
+            context,
+            kernel_facts.KernelFacts.resolve(context, kernel_module_name),
+            lambda: pslist.PsList.list_processes(context, kernel_module_name),
+            stats,
+        )
 
     def process_info(self, proc: interfaces.objects.ObjectInterface) -> ProcessInfo:
         """ProcessInfo for ``proc``, built once per EPROCESS."""
