@@ -18,7 +18,6 @@ from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_table,
-    kernel_facts,
     memory,
     plugin_requirements,
     process_info,
@@ -183,11 +182,11 @@ class KcbTable(interfaces.plugins.PluginInterface):
                 len(result.outside),
                 _cell(result.instrumentation_callback, hex_value=True),
                 _cell(
-                    wording.where(result.instrumentation_target)
+                    text.display(wording.where(result.instrumentation_target))
                     if result.instrumentation_target is not None
                     else None
                 ),
-                wording.table_verdict(result.verdict),
+                text.display(wording.table_verdict(result.verdict)),
             )
             yield 0, (*common, renderers.NotApplicableValue(), renderers.NotApplicableValue(),
                       renderers.NotApplicableValue())  # fmt: skip
@@ -203,11 +202,6 @@ class KcbTable(interfaces.plugins.PluginInterface):
                 )
 
     def run(self) -> renderers.TreeGrid:
-        kernel = self.context.modules[self.config["kernel"]]
-        if not kernel_facts.is_64bit_kernel(self.context, kernel):
-            vollog.error(
-                "windows.kcbtable supports only 64-bit (x64) Windows kernels; "
-                "this image's kernel is 32-bit, so no tables are checked"
-            )
-            return renderers.TreeGrid(COLUMNS, iter(()))
-        return renderers.TreeGrid(COLUMNS, self._generator())
+        return plugin_requirements.x64_tree_grid(
+            self.context, self.config["kernel"], "windows.kcbtable", COLUMNS, self._generator
+        )

@@ -26,7 +26,6 @@ from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows import threads
 from volatility3.plugins.windows.kcbwait_analysis import (
     findings,
-    kernel_facts,
     memory,
     plugin_requirements,
     process_info,
@@ -80,6 +79,18 @@ def _cell(value, field=None, unreadable=frozenset(), hex_value: bool = False):
     if hex_value:
         return format_hints.Hex(value)
     return value
+
+
+def _identity_cells(result: results.ThreadResult) -> tuple:
+    """PID, TID, Process and Wow64: the same on a thread's row and its callback rows."""
+    process = result.process
+    unreadable = result.unreadable | process.unreadable
+    return (
+        _cell(process.pid, results.Field.PID, unreadable),
+        _cell(result.tid, results.Field.TID, unreadable),
+        _cell(text.display(process.name), results.Field.PROCESS, unreadable),
+        _cell(process.wow64, results.Field.WOW64, unreadable),
+    )
 
 
 class KcbWait(interfaces.plugins.PluginInterface):
@@ -173,13 +184,9 @@ class KcbWait(interfaces.plugins.PluginInterface):
 
     @staticmethod
     def _thread_row(result: results.ThreadResult) -> tuple:
-        process = result.process
-        unreadable = result.unreadable | process.unreadable
+        unreadable = result.unreadable | result.process.unreadable
         return (
-            _cell(process.pid, results.Field.PID, unreadable),
-            _cell(result.tid, results.Field.TID, unreadable),
-            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
-            _cell(process.wow64, results.Field.WOW64, unreadable),
+            *_identity_cells(result),
             0,
             wording.reason(result.reason),
             _cell(result.state, results.Field.STATE, unreadable),
@@ -193,25 +200,21 @@ class KcbWait(interfaces.plugins.PluginInterface):
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(wording.table_verdict(result.table)),
+            _cell(text.display(wording.table_verdict(result.table))),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             _cell(wording.kernel_side(result.kernel_side, thread_row=True)),
-            wording.thread_notes(result.notes),
+            # Notes and Table name modules: strings from the image, escaped like names.
+            text.display(wording.thread_notes(result.notes)),
         )
 
     @staticmethod
     def _callback_row(result: results.ThreadResult, callback: results.CallbackResult) -> tuple:
-        process = result.process
-        unreadable = result.unreadable | process.unreadable
         level = callback.level
         frame = level.frame
         columns = callback.unreadable
         return (
-            _cell(process.pid, results.Field.PID, unreadable),
-            _cell(result.tid, results.Field.TID, unreadable),
-            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
-            _cell(process.wow64, results.Field.WOW64, unreadable),
+            *_identity_cells(result),
             _cell(level.number),
             wording.CALLBACK,
             renderers.NotApplicableValue(),
@@ -230,7 +233,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             _cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
             _cell(text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns),
             _cell(callback.callback),
-            _cell(wording.table_verdict(callback.table)),
+            _cell(text.display(wording.table_verdict(callback.table))),
             _cell(
                 None if frame is None else frame.buffer,
                 results.Field.BUFFER,
@@ -239,7 +242,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             ),
             _cell(None if frame is None else frame.length, results.Field.LENGTH, columns),
             wording.kernel_side(level.kernel_side),
-            wording.level_notes(callback.notes),
+            text.display(wording.level_notes(callback.notes)),
         )
 
     def _generator(self):
@@ -261,11 +264,6 @@ class KcbWait(interfaces.plugins.PluginInterface):
                 yield 1, self._callback_row(result, callback)
 
     def run(self) -> renderers.TreeGrid:
-        kernel = self.context.modules[self.config["kernel"]]
-        if not kernel_facts.is_64bit_kernel(self.context, kernel):
-            vollog.error(
-                "windows.kcbwait supports only 64-bit (x64) Windows kernels; "
-                "this image's kernel is 32-bit, so no threads are analysed"
-            )
-            return renderers.TreeGrid(COLUMNS, iter(()))
-        return renderers.TreeGrid(COLUMNS, self._generator())
+        return plugin_requirements.x64_tree_grid(
+            self.context, self.config["kernel"], "windows.kcbwait", COLUMNS, self._generator
+        )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from volatility3.framework import interfaces
+import logging
+
+from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.plugins.windows import pslist, vadinfo
-from volatility3.plugins.windows.kcbwait_analysis import pdb_names
+from volatility3.plugins.windows.kcbwait_analysis import kernel_facts, pdb_names
+
+vollog = logging.getLogger(__name__)
 
 
 def common_requirements() -> list[interfaces.configuration.RequirementInterface]:
@@ -28,3 +32,22 @@ def common_requirements() -> list[interfaces.configuration.RequirementInterface]
             optional=True,
         ),
     ]
+
+
+def x64_tree_grid(
+    context: interfaces.context.ContextInterface,
+    kernel_module_name: str,
+    plugin_name: str,
+    columns: list,
+    generator,
+) -> renderers.TreeGrid:
+    """The plugin's TreeGrid, or an empty one and one ERROR line for a 32-bit kernel (raising
+    would make vol print "file a bug" for an image that is merely unsupported)."""
+    kernel = context.modules[kernel_module_name]
+    if not kernel_facts.is_64bit_kernel(context, kernel):
+        vollog.error(
+            f"{plugin_name} supports only 64-bit (x64) Windows kernels; "
+            "this image's kernel is 32-bit, so nothing is analysed"
+        )
+        return renderers.TreeGrid(columns, iter(()))
+    return renderers.TreeGrid(columns, generator())
