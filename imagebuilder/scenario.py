@@ -200,6 +200,8 @@ def _process(data: Any, where: str, table_size: int) -> Process:
             raise ScenarioError(f"{where}.modules: every user process maps {required}")
     if len(set(m.lower() for m in modules)) != len(modules):
         raise ScenarioError(f"{where}.modules: a module is listed twice")
+    wow64 = _bool(obj.get("wow64", False), f"{where}.wow64")
+    check_wow64_modules(modules, wow64, where)
     overrides: dict[int, str] = {}
     for key, value in _mapping(
         obj.get("callback_overrides", {}), f"{where}.callback_overrides"
@@ -239,8 +241,6 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         ) from None
     if not 0 < len(encoded) <= 14 or "\0" in name:
         raise ScenarioError(f"{where}.name: 1 to 14 characters (EPROCESS.ImageFileName), no NUL")
-    wow64 = _bool(obj.get("wow64", False), f"{where}.wow64")
-    check_wow64_modules(modules, wow64, where)
     tables = parse_table_spec(obj, where, modules, wow64, table_size)
     damage = ProcessDamage()
     if "damage" in obj:
