@@ -70,7 +70,7 @@ class TableResult:
     outside: tuple[EntryOutside, ...]
     instrumentation_callback: int | None
     instrumentation_target: callback_table.Where | None
-    verdict: callback_table.TableVerdict
+    verdict: callback_table.TableVerdict | None
 
 
 def _cell(value, hex_value: bool = False):
@@ -159,7 +159,8 @@ class KcbTable(interfaces.plugins.PluginInterface):
                 if bits == 64 and instrumentation is not None
                 else None
             ),
-            verdict=callback_table.combine(verdicts),
+            # No table (pointer 0): nothing to judge, only the instrumentation callback.
+            verdict=callback_table.combine(verdicts) if verdicts else None,
         )
 
     def _generator(self):

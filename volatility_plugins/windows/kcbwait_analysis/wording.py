@@ -161,14 +161,14 @@ def hijack(item: callback_table.Hijack) -> str:
 
 
 def table_verdict(value: callback_table.TableVerdict | None) -> str | None:
-    """``ok``, the hijack items joined with ``; ``, or ``unreadable: KernelCallbackTable``."""
+    """``ok``, or the hijack items and ``unreadable: KernelCallbackTable`` (when something could
+    not be read) joined with ``; ``."""
     if value is None:
         return None
-    if value.hijacks:
-        return NOTE_SEPARATOR.join(hijack(item) for item in value.hijacks)
+    items = [hijack(item) for item in value.hijacks]
     if value.unreadable:
-        return "unreadable: KernelCallbackTable"
-    return "ok"
+        items.append("unreadable: KernelCallbackTable")
+    return NOTE_SEPARATOR.join(items) if items else "ok"
 
 
 def instrumentation_note(address: int, target: callback_table.Where) -> str:
