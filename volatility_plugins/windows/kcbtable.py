@@ -187,7 +187,7 @@ class KcbTable(interfaces.plugins.PluginInterface):
                     if result.instrumentation_target is not None
                     else None
                 ),
-                text.display(wording.table_verdict(result.verdict)),
+                _cell(text.display(wording.table_verdict(result.verdict))),
             )
             yield 0, (*common, renderers.NotApplicableValue(), renderers.NotApplicableValue(),
                       renderers.NotApplicableValue())  # fmt: skip
