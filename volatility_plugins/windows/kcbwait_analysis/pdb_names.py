@@ -34,6 +34,7 @@ _DEBUG_DIRECTORY = struct.Struct("<IIHHIIII")
 MAX_DEBUG_ENTRIES = 16
 # RSDS signature, GUID (16 bytes, Data1-3 little-endian), age, then the NUL-terminated name.
 _RSDS_HEAD = struct.Struct("<4s16sI")
+MAX_DEBUG_DIRECTORY = _DEBUG_DIRECTORY.size * MAX_DEBUG_ENTRIES
 MAX_PDB_NAME = 0x200
 # A DLL's PDB holds tens of thousands of public and private symbols; beyond this it is not one.
 MAX_PDB_SYMBOLS = 0x100000
@@ -88,6 +89,28 @@ def parse_rsds(data: bytes) -> CodeView | None:
     return CodeView(name, uuid.UUID(bytes_le=guid).hex.upper(), age)
 
 
+def codeview_location(
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    headers: pe_exports.ImageHeaders,
+    stats: read_stats.ReadStats | None = None,
+) -> tuple[int, int] | None:
+    """(RVA, length) of the image's CodeView record as its debug directory names it."""
+    directory = headers.debug
+    if not pe_exports.directory_in_image(headers, directory, MAX_DEBUG_DIRECTORY):
+        return None
+    raw = memory.read_bytes(context, layer_name, base + directory.rva, directory.size, stats)
+    if raw is None:
+        return None
+    whole = len(raw) // _DEBUG_DIRECTORY.size * _DEBUG_DIRECTORY.size
+    for entry in _DEBUG_DIRECTORY.iter_unpack(raw[:whole]):
+        kind, size, rva = entry[4], entry[5], entry[6]
+        if kind == IMAGE_DEBUG_TYPE_CODEVIEW and rva and rva < headers.size_of_image:
+            return rva, min(size, _RSDS_HEAD.size + MAX_PDB_NAME)
+    return None
+
+
 def read_codeview(
     context: interfaces.context.ContextInterface,
     layer_name: str,
@@ -96,25 +119,11 @@ def read_codeview(
     stats: read_stats.ReadStats | None = None,
 ) -> CodeView | None:
     """The CodeView record of the image mapped at ``base``, or None."""
-    directory = headers.debug
-    if not pe_exports.directory_in_image(
-        headers, directory, _DEBUG_DIRECTORY.size * MAX_DEBUG_ENTRIES
-    ):
+    location = codeview_location(context, layer_name, base, headers, stats)
+    if location is None:
         return None
-    raw = memory.read_bytes(context, layer_name, base + directory.rva, directory.size, stats)
-    if raw is None:
-        return None
-    for entry in _DEBUG_DIRECTORY.iter_unpack(
-        raw[: len(raw) // _DEBUG_DIRECTORY.size * _DEBUG_DIRECTORY.size]
-    ):
-        kind, size, rva = entry[4], entry[5], entry[6]
-        if kind != IMAGE_DEBUG_TYPE_CODEVIEW or not rva or rva >= headers.size_of_image:
-            continue
-        length = min(size, _RSDS_HEAD.size + MAX_PDB_NAME)
-        data = memory.read_bytes(context, layer_name, base + rva, length, stats)
-        if data is not None:
-            return parse_rsds(data)
-    return None
+    data = memory.read_bytes(context, layer_name, base + location[0], location[1], stats)
+    return parse_rsds(data) if data is not None else None
 
 
 class PdbNames:

@@ -264,6 +264,17 @@ class ImageCatalog:
                     ):
                         if pe_exports.directory_in_image(headers, directory, cap):
                             spans.append((module.base + directory.rva, directory.size))
+                    # The CodeView record says which PDB names the module: a copy whose record
+                    # cannot be read must not borrow another copy's PDB names.
+                    if pe_exports.directory_in_image(
+                        headers, headers.debug, pdb_names.MAX_DEBUG_DIRECTORY
+                    ):
+                        spans.append((module.base + headers.debug.rva, headers.debug.size))
+                    location = pdb_names.codeview_location(
+                        self._context, layer_name, module.base, headers, self.stats
+                    )
+                    if location is not None:
+                        spans.append((module.base + location[0], location[1]))
                 layer = self._context.layers[layer_name]
                 for start, size in spans:
                     try:
