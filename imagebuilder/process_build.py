@@ -37,8 +37,9 @@ from imagebuilder.process_layout import (
     write_loader_data,
     write_vad_tree,
 )
+from imagebuilder.process_symbols import ModuleSymbols, ProcessSymbols
 from imagebuilder.regions import RegionMap
-from imagebuilder.scenario import Process, Thread
+from imagebuilder.scenario import CodeTarget, Process, ScenarioError, Thread
 from imagebuilder.thread_layout import StackFacts, lay_out_kernel_thread, lay_out_user_thread
 from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
 
@@ -65,6 +66,8 @@ class ImageContext:
     seed: int = 0
     sequence: int = 0
     spaces: list = field(default_factory=list)
+    # Modules the scenario has the builder write a PDB symbol table (ISF) for.
+    pdb_modules: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -99,6 +102,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         start, size = ctx.ntdll.export_dir
         for page in range(start & ~0xFFF, start + size, 0x1000):
             space.page_out(ctx.ntdll.base + page)
+    _page_out_codeview(proc, layout)
     # Loader heap, PEB + TEBs, stacks: private memory.
     layout.vads.append(Vad(HEAP_ADDRESS, HEAP_ADDRESS + HEAP_SIZE - 1))
     teb_region = PEB_ADDRESS + 0x1000 + TEB_STRIDE * len(proc.threads)
@@ -135,7 +139,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         space.write(WOW64_PEB32, bytes(0x480))
         layout.vads.append(Vad(WOW64_PEB32, WOW64_PEB32 + 0xFFF))
     all_modules = [layout.exe, *modules]
-    symbol_modules = [ctx.ntdll_view if m is ctx.ntdll else m for m in all_modules]
+    symbol_modules = process_symbols(ctx, space, all_modules)
     handler = damage.handler_lookup(space, layout.callback_table)
     ethreads: dict[int, int] = {}
     records, thread_inventory = [], []
@@ -215,6 +219,38 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     )
 
 
+def process_symbols(ctx: ImageContext, space, modules: list[ModuleImage]) -> ProcessSymbols:
+    """How this process's modules are named (contract "Symbols"): PDB names when the scenario
+    writes the module's ISF and this process can read its CodeView record (header and debug
+    directory page), else the exports the plugin can use; .pdata only when readable here."""
+
+    def readable(address: int, size: int) -> bool:
+        return all(space.is_mapped(p) for p in range(address & ~0xFFF, address + size, 0x1000))
+
+    entries = []
+    for module in modules:
+        pdb = (
+            module.name in ctx.pdb_modules
+            and module.codeview is not None
+            and readable(module.base, 0x1000)
+            and readable(module.base + module.debug_page, 0x1000)
+        )
+        if pdb:
+            names = module.pdb_symbols
+        else:
+            names = (ctx.ntdll_view if module is ctx.ntdll else module).exports
+        pdata_rva, pdata_size = module.pdata
+        functions = module.functions
+        if pdata_size and not readable(module.base + pdata_rva, pdata_size):
+            functions = None  # contract: unreadable .pdata makes every routine a leaf
+        entries.append(ModuleSymbols(module, names, functions, pdb))
+
+    def read(address: int, size: int) -> bytes | None:
+        return space.read(address, size) if readable(address, size) else None
+
+    return ProcessSymbols(tuple(entries), read)
+
+
 def _record_targets(ctx: ImageContext, space, teb: int, facts) -> None:
     """The thread's structures by kind, for the fuzz harness to aim at."""
     regions, k = ctx.regions, ctx.kernel
@@ -255,7 +291,41 @@ def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayo
         regions.add_virtual(owner, space, ctx.user32.base + table_rva, table_size)
 
 
-def _override_target(layout: ProcessLayout, target: str) -> int:
+def _page_out_codeview(proc: Process, layout: ProcessLayout) -> None:
+    """``page_out`` "ntdll_codeview"/"user32_codeview": the page holding the module's debug
+    directory and RSDS record is in the page file in this process, so the process cannot tell
+    which PDB the module needs (contract: named by its exports)."""
+    for item in proc.page_out:
+        if item.endswith("_codeview"):
+            module = layout.module_named(item.split("_", 1)[0] + ".dll")
+            assert module is not None and module.codeview is not None
+            layout.space.page_out(module.base + module.debug_page)
+
+
+def _code_target(layout: ProcessLayout, target: CodeTarget) -> int:
+    """The address a CodeTarget override names, checked against the built module."""
+    module = layout.module_named(target.module)
+    assert module is not None
+    start = module.pdb_symbols.get(target.function, module.exports.get(target.function))
+    if start is None:
+        raise ScenarioError(
+            f"{target.where}.function: {target.function!r} is not a function of {module.name}"
+        )
+    if target.part is not None:
+        parts = [b for b, _e, primary in module.functions.chained() if primary == start]
+        if not parts:
+            raise ScenarioError(
+                f"{target.where}.part: {target.function} has no chained part in {module.name}"
+            )
+        start = min(parts)
+    if start + target.offset >= module.size:
+        raise ScenarioError(f"{target.where}.offset: {target.offset:#x} is beyond {module.name}")
+    return module.base + start + target.offset
+
+
+def _override_target(layout: ProcessLayout, target: str | CodeTarget) -> int:
+    if isinstance(target, CodeTarget):
+        return _code_target(layout, target)
     if target == "private":
         handler = layout.private_next
         layout.space.write(handler, b"\x48\x83\xec\x48\xcc")
