@@ -14,16 +14,19 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 PLUGIN = "windows.kcbwait.KcbWait"
-SCENARIOS = ["basic", "nt-only", "real-machine"]  # real-machine: tests/test_real_machine.py
+# real-machine: tests/test_real_machine.py; symbols: tests/test_symbols_scenario.py
+SCENARIOS = ["basic", "nt-only", "real-machine", "symbols"]
 THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wow64",
                   "Reason": "reason", "State": "state", "WaitReason": "wait_reason",
                   "NestingLevel": "nesting_level", "Rip": "rip", "Symbol": "symbol",
                   "Rsp": "rsp", "KernelSide": "kernel_side", "Notes": "notes"}
 FRAME_COLUMNS = {"Level": "level", "Rip": "rip", "Symbol": "symbol", "Rsp": "rsp",
                  "Frame": "frame", "ApiNumber": "api_number", "Handler": "handler",
-                 "HandlerSymbol": "handler_symbol", "Buffer": "buffer", "Length": "length",
+                 "HandlerSymbol": "handler_symbol", "Callback": "callback",
+                 "Buffer": "buffer", "Length": "length",
                  "KernelSide": "kernel_side", "Notes": "notes"}
-THREAD_ONLY_NULL = ("Frame", "ApiNumber", "Handler", "HandlerSymbol", "Buffer", "Length")
+THREAD_ONLY_NULL = ("Frame", "ApiNumber", "Handler", "HandlerSymbol", "Callback", "Buffer",
+                    "Length")
 
 
 def as_truth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -59,7 +62,9 @@ def test_output_equals_truth(images, scenario, profile, fmt, mode):
     paths = images.get(scenario, profile)
     truth = images.truth(scenario, profile)
     options, listed = MODES[mode]
-    rows = run_plugin(paths[fmt], PLUGIN, [paths["symbols"]], options)
+    # The modules' PDB symbol tables the scenario asked for: Volatility finds them offline only
+    # through its identifier cache, which indexes every ISF under the -s directories.
+    rows = run_plugin(paths[fmt], PLUGIN, [paths["symbols"], paths["pdb_symbols"]], options)
     assert as_truth(rows) == [t for t in truth["threads"] if listed(t)]
 
 
