@@ -39,6 +39,7 @@ from imagebuilder.user_modules import (
     build_user32,
     build_win32u,
 )
+from imagebuilder.wow64_images import build_wow64win
 
 TRUTH_FORMAT = "kcbwait-truth/1"
 
@@ -124,6 +125,7 @@ class ImageBuilder:
             module=self.module,
             seed=scenario.seed,
             pdb_modules=frozenset(scenario.pdb_symbols),
+            table_size=scenario.callback_table_size,
         )
         self._modules: dict[str, ModuleImage] = {
             m.name: m for m in (ntdll, self.ctx.win32u, self.ctx.user32)
@@ -134,6 +136,9 @@ class ImageBuilder:
     # -- modules -------------------------------------------------------------------------------
     def module(self, name: str) -> ModuleImage:
         if name not in self._modules:
+            if name == "wow64win.dll":
+                self._modules[name] = build_wow64win(self.scenario.callback_table_size)
+                return self._modules[name]
             if name == "kernel32.dll":
                 base = MODULE_BASES[name]
             else:
@@ -185,6 +190,7 @@ class ImageBuilder:
             "dtb": k.space.pml4,
             "processes": [by_pid[pid].inventory for pid in order],
             "threads": [record for pid in order for record in by_pid[pid].records],
+            "tables": [row for pid in order for row in by_pid[pid].tables],
             "damage": _damage_summary(scenario),
             "conditions": _conditions_summary(scenario),
         }
@@ -240,6 +246,7 @@ class ImageBuilder:
                     frames=[],
                     notes="no user-mode trap frame",
                 )
+                | {"table": None}  # no PEB, no callback table
             )
         executive.write_eprocess(
             k,

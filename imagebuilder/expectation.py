@@ -102,6 +102,7 @@ class ThreadExpectation:
     resident: bool = True  # KTHREAD.KernelStackResident and the stack pages present
     user_mode: bool = True  # T(K).SegCs has RPL 3
     foreign: str | None = None
+    instrumentation: str | None = None  # the process's instrumentation-callback note
 
     def frame_at(self, address: int) -> UserFrame | None:
         """What the plugin reads at ``address`` (None: unreadable)."""
@@ -299,7 +300,7 @@ def thread_record(
     """The truth record of a user thread (docs/output-contract.md)."""
     facts = _Facts()
     user = exp.resident and exp.user_mode  # T(K) known and a user-mode frame
-    head: list[str] = [exp.foreign] if exp.foreign else []
+    head: list[str] = [n for n in (exp.foreign, exp.instrumentation) if n]
     if not exp.resident:
         head.append(NOT_RESIDENT)
     elif not exp.user_mode:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagebuilder import conditions, damage, executive, truth
+from imagebuilder.callback_tables import TableCheck, instrumentation_note, space_reader
 from imagebuilder.expectation import (
     HandlerLookup,
     ImageFacts,
@@ -21,12 +22,12 @@ from imagebuilder.expectation import (
     thread_record,
 )
 from imagebuilder.kernel_layout import Kernel
+from imagebuilder.private_memory import PrivateMemory
 from imagebuilder.process_layout import (
     FILETIME_2024,
     HEAP_ADDRESS,
     HEAP_SIZE,
     PEB_ADDRESS,
-    PRIVATE_MEMORY,
     STACKS_ADDRESS,
     TEB_STRIDE,
     USER_STACK_RESERVE,
@@ -39,9 +40,12 @@ from imagebuilder.process_layout import (
 )
 from imagebuilder.process_symbols import ModuleSymbols, ProcessSymbols
 from imagebuilder.regions import RegionMap
-from imagebuilder.scenario import CodeTarget, Process, ScenarioError, Thread
+from imagebuilder.scenario import Process, Thread
+from imagebuilder.table_layout import override_entries, place_table, target_address
+from imagebuilder.tables_spec import table_owner
 from imagebuilder.thread_layout import StackFacts, lay_out_kernel_thread, lay_out_user_thread
 from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
+from imagebuilder.wow64_layout import Wow64Side, lay_out_wow64_side
 
 STATE_WAITING, STATE_TERMINATED = "Waiting", "Terminated"
 
@@ -68,6 +72,7 @@ class ImageContext:
     spaces: list = field(default_factory=list)
     # Modules the scenario has the builder write a PDB symbol table (ISF) for.
     pdb_modules: frozenset[str] = frozenset()
+    table_size: int = 128  # entries of the owners' callback tables (scenario)
 
 
 @dataclass
@@ -77,6 +82,7 @@ class BuiltProcess:
     ethreads: dict[int, int]  # tid -> ETHREAD
     records: list[dict[str, Any]]
     inventory: dict[str, Any]
+    tables: list[dict[str, Any]] = field(default_factory=list)  # windows.kcbtable rows
 
 
 def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
@@ -89,7 +95,8 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         proc.pid, proc.name, eproc, space, PEB_ADDRESS, modules, ctx.exe(proc.name)
     )
     for module in [layout.exe, *modules]:
-        ctx.mapper.map(space, module, private_data=module is ctx.user32)
+        # A table owner's table pages are the process's own (copy-on-write once rewritten).
+        ctx.mapper.map(space, module, private_data="callback_table" in module.extras)
         layout.vads.append(Vad(module.base, module.base + module.size - 1, module))
     # Where this process's callback handlers return: into the dispatcher, or into a hook.
     dispatcher_return = ctx.dispatcher_return
@@ -107,17 +114,21 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     layout.vads.append(Vad(HEAP_ADDRESS, HEAP_ADDRESS + HEAP_SIZE - 1))
     teb_region = PEB_ADDRESS + 0x1000 + TEB_STRIDE * len(proc.threads)
     layout.vads.append(Vad(PEB_ADDRESS, teb_region - 1))
+    private = PrivateMemory(layout)
+    owner_name = table_owner(proc.modules, proc.wow64)
+    owner = ctx.module(owner_name) if owner_name else None
     table = 0
-    if ctx.user32 in modules:
-        table = ctx.user32.base + ctx.user32.extras["callback_table"]
-        for api, target in proc.callback_overrides.items():
-            handler = _override_target(layout, target)
-            space.write(table + 8 * api, struct.pack("<Q", handler))
-    if any(t == "private" for t in proc.callback_overrides.values()):
-        layout.vads.append(Vad(PRIVATE_MEMORY, PRIVATE_MEMORY + 0xFFFF))
+    if owner is not None:
+        table = place_table(
+            layout, private, k.memory, owner, proc.tables.location, ctx.table_size
+        )
+        override_entries(layout, private, table, proc.callback_overrides)
     layout.callback_table = damage.callback_table_value(
         proc.damage.kernel_callback_table, table, space
     )
+    instrumentation = 0
+    if proc.tables.instrumentation is not None:
+        instrumentation = target_address(layout, private, proc.tables.instrumentation)
     ldr = write_loader_data(k, layout)
     k.writer.put(
         space,
@@ -133,12 +144,16 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         },
         optional=True,
     )
-    wow64 = 0
+    wow64, side = 0, None
     if proc.wow64:
-        wow64 = WOW64_PEB32
-        space.write(WOW64_PEB32, bytes(0x480))
-        layout.vads.append(Vad(WOW64_PEB32, WOW64_PEB32 + 0xFFF))
+        side = lay_out_wow64_side(
+            k, ctx.mapper, layout, private, ctx.table_size, proc.tables.overrides32
+        )
+        wow64 = side.peb32
     all_modules = [layout.exe, *modules]
+    read = space_reader(space)
+    check = TableCheck(64, layout.callback_table, owner, all_modules, layout.vads, read)
+    layout.thread_note = instrumentation_note(check, instrumentation)
     symbol_modules = process_symbols(ctx, space, all_modules)
     handler = damage.handler_lookup(space, layout.callback_table)
     ethreads: dict[int, int] = {}
@@ -188,6 +203,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         executive.record_ethread(ctx.regions, k, ethread, proc.pid, thread.tid)
         ethreads[thread.tid] = ethread
         thread_inventory.append({"tid": thread.tid, "start": start})
+        check.annotate(record)
         records.append(record)
     root = write_vad_tree(k, ctx.mapper, layout)
     ordered = [ethreads[t.tid] for t in proc.threads]
@@ -204,8 +220,11 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         wow64=wow64,
     )
     k.writer.put(k.space, eproc, "_EPROCESS", {"VadRoot.Root": root}, optional=True)
+    if instrumentation:
+        k.writer.put(k.space, eproc, "_EPROCESS", {"Pcb.InstrumentationCallback": instrumentation})
     executive.record_eprocess(ctx.regions, k, eproc, proc.pid, ewow)
-    _record_process_memory(ctx, proc, layout)
+    tables = _kcbtable_rows(proc, layout, check, side, instrumentation)
+    _record_process_memory(ctx, proc, layout, check)
     if proc.damage.thread_list is not None:
         damage.redirect_thread_link(k, proc.damage.thread_list, ethreads)
         order = damage.thread_list_order(
@@ -215,7 +234,12 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         )
         records = [records[i] for i in order]
     return BuiltProcess(
-        proc.pid, eproc, ethreads, records, _inventory(proc, layout, all_modules, thread_inventory)
+        proc.pid,
+        eproc,
+        ethreads,
+        records,
+        _inventory(proc, layout, all_modules, thread_inventory, side),
+        tables,
     )
 
 
@@ -251,6 +275,28 @@ def process_symbols(ctx: ImageContext, space, modules: list[ModuleImage]) -> Pro
     return ProcessSymbols(tuple(entries), read)
 
 
+def _kcbtable_rows(
+    proc: Process,
+    layout: ProcessLayout,
+    check: TableCheck,
+    side: Wow64Side | None,
+    instrumentation: int,
+) -> list[dict[str, Any]]:
+    """windows.kcbtable's rows for the process: the 64-bit table when its pointer is set, its
+    owner loaded or an instrumentation callback set; a WoW64 process's 32-bit table too."""
+    who = {"pid": proc.pid, "process": proc.name, "wow64": proc.wow64}
+    rows = []
+    if check.table or check.owner is not None or instrumentation:
+        rows.append(check.kcbtable_row(**who, instrumentation=instrumentation))
+        if side is not None:
+            # <where> of a 32-bit entry: the loaded modules and the 32-bit owner itself.
+            check32 = TableCheck(
+                32, side.table, side.user32, [*check.modules, side.user32], layout.vads, check.read
+            )
+            rows.append(check32.kcbtable_row(**who))
+    return rows
+
+
 def _record_targets(ctx: ImageContext, space, teb: int, facts) -> None:
     """The thread's structures by kind, for the fuzz harness to aim at."""
     regions, k = ctx.regions, ctx.kernel
@@ -262,10 +308,15 @@ def _record_targets(ctx: ImageContext, space, teb: int, facts) -> None:
         regions.add_target("ucallout_frame", space, frame.frame - 8, 0x60)
 
 
-def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayout) -> None:
+def _record_process_memory(
+    ctx: ImageContext, proc: Process, layout: ProcessLayout, check: TableCheck
+) -> None:
     """What the plugin reads for every thread of the process besides the EPROCESS."""
     owner = ("process", proc.pid)
     sym, space, regions = ctx.kernel.symbols, layout.space, ctx.regions
+    # The Table verdict looks an address up in the VAD tree (private RWX or not).
+    for node in layout.vad_nodes:
+        regions.add_virtual(owner, ctx.kernel.space, node, sym.size("_MMVAD"))
     regions.add_virtual(owner, space, PEB_ADDRESS, sym.size("_PEB"))
     regions.add_virtual(owner, space, HEAP_ADDRESS, layout.heap_next - HEAP_ADDRESS)
     regions.add_target("peb", space, PEB_ADDRESS, sym.size("_PEB"))
@@ -287,8 +338,8 @@ def _record_process_memory(ctx: ImageContext, proc: Process, layout: ProcessLayo
                 "ntdll_exports", space, module.base + module.export_dir[0], module.export_dir[1]
             )
     if layout.callback_table and space.is_mapped(layout.callback_table):
-        table_rva, table_size = ctx.user32.data_section
-        regions.add_virtual(owner, space, ctx.user32.base + table_rva, table_size)
+        entries = len(check.checked_entries()) + 1  # and the entry that ends them
+        regions.add_virtual(owner, space, layout.callback_table, 8 * entries)
 
 
 def _page_out_codeview(proc: Process, layout: ProcessLayout) -> None:
@@ -300,40 +351,6 @@ def _page_out_codeview(proc: Process, layout: ProcessLayout) -> None:
             module = layout.module_named(item.split("_", 1)[0] + ".dll")
             assert module is not None and module.codeview is not None
             layout.space.page_out(module.base + module.debug_page)
-
-
-def _code_target(layout: ProcessLayout, target: CodeTarget) -> int:
-    """The address a CodeTarget override names, checked against the built module."""
-    module = layout.module_named(target.module)
-    assert module is not None
-    start = module.pdb_symbols.get(target.function, module.exports.get(target.function))
-    if start is None:
-        raise ScenarioError(
-            f"{target.where}.function: {target.function!r} is not a function of {module.name}"
-        )
-    if target.part is not None:
-        parts = [b for b, _e, primary in module.functions.chained() if primary == start]
-        if not parts:
-            raise ScenarioError(
-                f"{target.where}.part: {target.function} has no chained part in {module.name}"
-            )
-        start = min(parts)
-    if start + target.offset >= module.size:
-        raise ScenarioError(f"{target.where}.offset: {target.offset:#x} is beyond {module.name}")
-    return module.base + start + target.offset
-
-
-def _override_target(layout: ProcessLayout, target: str | CodeTarget) -> int:
-    if isinstance(target, CodeTarget):
-        return _code_target(layout, target)
-    if target == "private":
-        handler = layout.private_next
-        layout.space.write(handler, b"\x48\x83\xec\x48\xcc")
-        layout.private_next += 0x100
-        return handler
-    module = layout.module_named(target)
-    assert module is not None
-    return module.base + module.extras.get("payload", 0x1000)
 
 
 def _syscall_rip(ctx: ImageContext, name: str) -> int:
@@ -382,7 +399,7 @@ def _kernel_only_thread(
         modules=modules,
         stub=ctx.facts.stub or (0, 0),
         frames=[],
-        notes="no user-mode trap frame",
+        notes="; ".join(n for n in (layout.thread_note, "no user-mode trap frame") if n),
     )
     return record, stack, state, wait_reason, exit_time
 
@@ -447,6 +464,7 @@ def _user_thread(
             ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
     _record_targets(ctx, space, teb, facts)
     exp = _expectation(proc, thread, space, teb, facts)
+    exp.instrumentation = layout.thread_note
     damage.apply_thread_damage(
         thread.damage, kernel=k, space=space, teb=teb, facts=facts, kthread=stack, exp=exp
     )
@@ -513,7 +531,11 @@ def _expectation(
 
 
 def _inventory(
-    proc: Process, layout: ProcessLayout, all_modules: list[ModuleImage], threads: list
+    proc: Process,
+    layout: ProcessLayout,
+    all_modules: list[ModuleImage],
+    threads: list,
+    side: Wow64Side | None = None,
 ) -> dict[str, Any]:
     """What the stock plugins must list for the process (truth file ``processes``)."""
     return {
@@ -537,4 +559,9 @@ def _inventory(
             for v in sorted(layout.vads, key=lambda v: v.start)
         ],
         "exports": {m.name: m.inventory_exports() for m in all_modules},
+        # A WoW64 process's 32-bit images: image VADs in no (64-bit) loader list.
+        "modules32": [
+            {"name": m.name, "path": f"C:{m.path}", "base": m.base, "size": m.size}
+            for m in (side.images if side is not None else ())
+        ],
     }

@@ -18,9 +18,11 @@ PRIVATE_MEMORY = 0x0000_0200_0000_0000  # a region no module maps (hijacked call
 WOW64_PEB32 = 0x7F5E_0000
 
 # MMVAD_FLAGS values (ntddk/ReactOS mmtypes.h): VadNone 0, VadImageMap 2;
-# protection MM_READWRITE 4, MM_EXECUTE_WRITECOPY 7.
+# protection MM_READWRITE 4, MM_EXECUTE_READWRITE 6, MM_EXECUTE_WRITECOPY 7 (indices into
+# MmProtectToValue: PAGE_READWRITE, PAGE_EXECUTE_READWRITE, PAGE_EXECUTE_WRITECOPY).
 VAD_IMAGE_MAP = 2
 MM_READWRITE = 4
+MM_EXECUTE_READWRITE = 6
 MM_EXECUTE_WRITECOPY = 7
 FILETIME_2024 = 133_590_240_000_000_000  # 2024-05-01 00:00 UTC in 100 ns since 1601
 
@@ -30,6 +32,10 @@ class Vad:
     start: int
     end: int  # inclusive last byte
     module: ModuleImage | None = None
+    protection: int = MM_READWRITE  # of a private VAD (an image VAD is EXECUTE_WRITECOPY)
+
+    def contains(self, address: int) -> bool:
+        return self.start <= address <= self.end
 
 
 @dataclass
@@ -43,8 +49,10 @@ class ProcessLayout:
     exe: ModuleImage
     vads: list[Vad] = field(default_factory=list)
     callback_table: int = 0
-    private_next: int = PRIVATE_MEMORY
+    # The note every thread of the process gets (its instrumentation callback), or None.
+    thread_note: str | None = None
     heap_next: int = HEAP_ADDRESS
+    vad_nodes: list[int] = field(default_factory=list)  # _MMVAD(_SHORT) nodes, written last
 
     def heap(self, size: int) -> int:
         address = self.heap_next
@@ -140,7 +148,7 @@ def write_vad_tree(kernel: Kernel, mapper: ModuleMapper, proc: ProcessLayout) ->
             node = k.pool_object("_MMVAD_SHORT", b"VadS")
             flags = {
                 "u.VadFlags.VadType": 0,
-                "u.VadFlags.Protection": MM_READWRITE,
+                "u.VadFlags.Protection": vad.protection,
                 "u.VadFlags.PrivateMemory": 1,
             }
         start_vpn, end_vpn = vad.start >> 12, vad.end >> 12
@@ -157,6 +165,7 @@ def write_vad_tree(kernel: Kernel, mapper: ModuleMapper, proc: ProcessLayout) ->
             },
         )
         nodes.append(node)
+    proc.vad_nodes = nodes
     vad_node = sym.offset("_MMVAD_SHORT", "VadNode")
 
     def link(lo: int, hi: int, parent: int) -> int:

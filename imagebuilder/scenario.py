@@ -27,10 +27,24 @@ from imagebuilder.damage_spec import (
     parse_thread_damage,
 )
 from imagebuilder.spec_fields import FieldError
+from imagebuilder.tables_spec import (
+    TableSpec,
+    check_wow64_modules,
+    parse_table_spec,
+    target,
+)
 
 # Modules the builder knows how to write.  Any other name becomes a plain DLL with a few
 # exports, so a scenario can place a KernelCallbackTable entry in a foreign module.
-KNOWN_MODULES = ("ntdll.dll", "win32u.dll", "user32.dll", "kernel32.dll")
+KNOWN_MODULES = (
+    "ntdll.dll",
+    "win32u.dll",
+    "user32.dll",
+    "kernel32.dll",
+    "wow64.dll",
+    "wow64win.dll",
+    "wow64cpu.dll",
+)
 MAX_CALLBACK_NESTING = 31  # KeUserModeCallback fails beyond 31 with STATUS_STACK_OVERFLOW
 THREAD_KINDS = ("user", "system", "terminated")
 PAGE_OUT_TARGETS = ("ntdll_exports", "ntdll_codeview", "user32_codeview")
@@ -82,11 +96,13 @@ class Process:
     modules: tuple[str, ...]
     threads: tuple[Thread, ...]
     wow64: bool = False
-    # ApiNumber -> module name, "private" for memory no module maps, or code in a module
+    # ApiNumber -> module name, "private" or "private_rwx" (memory no module maps), or code
+    # in a module (a CodeTarget)
     callback_overrides: dict[int, str | CodeTarget] = field(default_factory=dict)
     page_out: tuple[str, ...] = ()
     damage: ProcessDamage = ProcessDamage()
     conditions: tuple[ProcessCondition, ...] = ()
+    tables: TableSpec = TableSpec()
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,9 @@ def _process(data: Any, where: str, table_size: int) -> Process:
             "page_out",
             "damage",
             "conditions",
+            "callback_table",
+            "callback_overrides32",
+            "instrumentation_callback",
         },
     )
     pid = _int(obj.get("pid"), f"{where}.pid", 8, 0xFFFFFFFC)
@@ -200,6 +219,8 @@ def _process(data: Any, where: str, table_size: int) -> Process:
             raise ScenarioError(f"{where}.modules: every user process maps {required}")
     if len(set(m.lower() for m in modules)) != len(modules):
         raise ScenarioError(f"{where}.modules: a module is listed twice")
+    wow64 = _bool(obj.get("wow64", False), f"{where}.wow64")
+    check_wow64_modules(modules, wow64, where)
     overrides: dict[int, str | CodeTarget] = {}
     for key, value in _mapping(
         obj.get("callback_overrides", {}), f"{where}.callback_overrides"
@@ -213,12 +234,11 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         if isinstance(value, dict):
             overrides[api] = _code_target(value, f"{where}.callback_overrides[{key}]", modules)
             continue
-        target = _str(value, f"{where}.callback_overrides[{key}]")
-        if target != "private" and target not in modules:
-            raise ScenarioError(
-                f"{where}.callback_overrides[{key}]: {target} is not one of the process's modules"
-            )
-        overrides[api] = target
+        overrides[api] = target(
+            _str(value, f"{where}.callback_overrides[{key}]"),
+            f"{where}.callback_overrides[{key}]",
+            modules,
+        )
     page_out = tuple(
         _str(p, f"{where}.page_out[{i}]")
         for i, p in enumerate(_list(obj.get("page_out", []), f"{where}.page_out"))
@@ -248,6 +268,7 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         ) from None
     if not 0 < len(encoded) <= 14 or "\0" in name:
         raise ScenarioError(f"{where}.name: 1 to 14 characters (EPROCESS.ImageFileName), no NUL")
+    tables = parse_table_spec(obj, where, modules, wow64, table_size)
     damage = ProcessDamage()
     if "damage" in obj:
         damage = parse_process_damage(obj["damage"], f"{where}.damage", [t.tid for t in threads])
@@ -257,13 +278,14 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         ppid=_int(obj.get("ppid", 4), f"{where}.ppid", 0, 2**32),
         modules=modules,
         threads=threads,
-        wow64=_bool(obj.get("wow64", False), f"{where}.wow64"),
+        wow64=wow64,
         callback_overrides=overrides,
         page_out=page_out,
         damage=damage,
         conditions=parse_process_conditions(
             obj.get("conditions", []), f"{where}.conditions", modules
         ),
+        tables=tables,
     )
 
 

@@ -54,6 +54,8 @@ PLUGIN_COLUMNS = (
     "ApiNumber",
     "Handler",
     "HandlerSymbol",
+    "Callback",
+    "Table",
     "Buffer",
     "Length",
     "KernelSide",

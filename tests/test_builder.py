@@ -48,7 +48,8 @@ def lab(tmp_path_factory):
         ),
         (
             lambda s: s["processes"][1].update(callback_overrides={"3": "absent.dll"}),
-            r"processes\[1\]\.callback_overrides\[3\]: absent\.dll is not one of",
+            r"processes\[1\]\.callback_overrides\[3\]: 'absent\.dll' is not private,"
+            r" private_rwx or one of the process's modules",
         ),
         (
             lambda s: s["processes"][0]["threads"][0].update(colour="red"),
@@ -59,8 +60,8 @@ def lab(tmp_path_factory):
             r"processes\[1\]\.threads\[0\]\.tid: 1236 is used twice",
         ),
         (
-            lambda s: s["processes"][2].update(modules=["ntdll.dll"]),
-            r"NtUserDispatchMessage lives in win32u\.dll, which the process lacks",
+            lambda s: s["processes"][0].update(modules=["ntdll.dll"]),
+            r"NtUserGetMessage lives in win32u\.dll, which the process lacks",
         ),
         (lambda s: s.update(memory_mb="lots"), r"scenario\.memory_mb: expected an integer"),
         (

@@ -12,20 +12,23 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 FORMATS = ["raw", "dmp"]
+# tables: hijacked callback tables, WoW64 processes, instrumentation callbacks.
+SCENARIOS = ["basic", "tables"]
 # Volatility reports kernel addresses masked to the 48 bits the x64 layer translates.
 ADDRESS_MASK = (1 << 48) - 1
 
 
-def _run(images, profile: str, fmt: str, plugin: str, **options):
-    paths = images.get("basic", profile)
+def _run(images, profile: str, fmt: str, plugin: str, scenario: str = "basic", **options):
+    paths = images.get(scenario, profile)
     return run_plugin(paths[fmt], plugin, [paths["symbols"]], options)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("profile", ALL_PROFILES)
-def test_pslist_lists_every_process(images, profile, fmt):
-    truth = images.truth("basic", profile)
-    rows = _run(images, profile, fmt, "windows.pslist.PsList")
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pslist_lists_every_process(images, scenario, profile, fmt):
+    truth = images.truth(scenario, profile)
+    rows = _run(images, profile, fmt, "windows.pslist.PsList", scenario)
     assert [(r["PID"], r["PPID"], r["ImageFileName"], r["Wow64"], r["Threads"]) for r in rows] == [
         (p["pid"], p["ppid"], p["name"], p["wow64"], len(p["threads"])) for p in truth["processes"]
     ]
@@ -33,9 +36,10 @@ def test_pslist_lists_every_process(images, profile, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("profile", ALL_PROFILES)
-def test_threads_lists_every_thread(images, profile, fmt):
-    truth = images.truth("basic", profile)
-    rows = _run(images, profile, fmt, "windows.threads.Threads")
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_threads_lists_every_thread(images, scenario, profile, fmt):
+    truth = images.truth(scenario, profile)
+    rows = _run(images, profile, fmt, "windows.threads.Threads", scenario)
     assert [(r["PID"], r["TID"], r["StartAddress"]) for r in rows] == [
         (p["pid"], t["tid"], t["start"] & ADDRESS_MASK)
         for p in truth["processes"]
@@ -45,29 +49,39 @@ def test_threads_lists_every_thread(images, profile, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("profile", ALL_PROFILES)
-def test_dlllist_and_ldrmodules_see_every_module(images, profile, fmt):
-    truth = images.truth("basic", profile)
-    dlls = _run(images, profile, fmt, "windows.dlllist.DllList")
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_dlllist_and_ldrmodules_see_every_module(images, scenario, profile, fmt):
+    truth = images.truth(scenario, profile)
+    dlls = _run(images, profile, fmt, "windows.dlllist.DllList", scenario)
     assert [(r["PID"], r["Name"], r["Base"], r["Size"], r["Path"]) for r in dlls] == [
         (p["pid"], m["name"], m["base"], m["size"], m["path"])
         for p in truth["processes"]
         for m in p["modules"]
     ]
-    ldr = _run(images, profile, fmt, "windows.malware.ldrmodules.LdrModules")
+    ldr = _run(images, profile, fmt, "windows.malware.ldrmodules.LdrModules", scenario)
     assert sorted(
         (r["Pid"], r["Base"], r["InLoad"], r["InInit"], r["InMem"], r["MappedPath"]) for r in ldr
     ) == sorted(
-        (p["pid"], m["base"], True, m["init_order"], True, m["path"][2:])
-        for p in truth["processes"]
-        for m in p["modules"]
+        [
+            (p["pid"], m["base"], True, m["init_order"], True, m["path"][2:])
+            for p in truth["processes"]
+            for m in p["modules"]
+        ]
+        # a WoW64 process's 32-bit images are mapped but in no 64-bit loader list
+        + [
+            (p["pid"], m["base"], False, False, False, m["path"][2:])
+            for p in truth["processes"]
+            for m in p.get("modules32", [])
+        ]
     )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("profile", ALL_PROFILES)
-def test_vadinfo_sees_every_region(images, profile, fmt):
-    truth = images.truth("basic", profile)
-    rows = _run(images, profile, fmt, "windows.vadinfo.VadInfo")
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_vadinfo_sees_every_region(images, scenario, profile, fmt):
+    truth = images.truth(scenario, profile)
+    rows = _run(images, profile, fmt, "windows.vadinfo.VadInfo", scenario)
     assert sorted((r["PID"], r["Start VPN"], r["End VPN"], r["File"]) for r in rows) == sorted(
         (p["pid"], v["start"], v["end"], v["file"]) for p in truth["processes"] for v in p["vads"]
     )

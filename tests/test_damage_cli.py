@@ -33,13 +33,18 @@ LAYER_MESSAGE = "A translation layer requirement was not fulfilled"
 
 
 def vol(
-    image: Path, symbols: Path, cache: Path, *args: str, renderer: str = "quick"
+    image: Path,
+    symbols: Path,
+    cache: Path,
+    *args: str,
+    renderer: str = "quick",
+    plugin: str = "windows.kcbwait",
 ) -> subprocess.CompletedProcess:
     cache.mkdir(exist_ok=True)
     return subprocess.run(
         [str(VOL), "-q", "--offline", "--cache-path", str(cache), "-s", str(symbols),
          "-p", str(ROOT / "volatility_plugins"), "-r", renderer, "-f", str(image),
-         "windows.kcbwait", *args],
+         plugin, *args],
         capture_output=True, text=True, encoding="utf-8", errors="strict", timeout=300,
         check=False,
     )  # fmt: skip
@@ -197,6 +202,20 @@ def test_text_renderers_escape_names(hostile, tmp_path, renderer):
     assert "h\\x1b[31mook\\ud800.dll+0x2000" in out
     assert "t\u00e9st\\x9b.exe" in out
     assert "plain\\u202egpj.dll+0x2000" in out
+
+
+@pytest.mark.parametrize("renderer", ["quick", "pretty", "csv"])
+def test_kcbtable_escapes_module_names_in_verdicts(hostile, tmp_path, renderer):
+    """A hijacked entry's target names its module: a string from the image."""
+    result = vol(hostile["raw"], hostile["symbols"], tmp_path / "cache", renderer=renderer,
+                 plugin="windows.kcbtable")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert_no_traceback(result)
+    out = result.stdout
+    assert "\x1b" not in out and "\u202e" not in out and "\ud800" not in out
+    if renderer == "csv":
+        out = out.replace("\\\\", "\\")
+    assert "hijacked: entry" in out and "h\\x1b[31mook\\ud800.dll+0x2000" in out
 
 
 @pytest.mark.parametrize("renderer", ["json", "jsonl"])

@@ -14,17 +14,19 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 PLUGIN = "windows.kcbwait.KcbWait"
-# real-machine: tests/test_real_machine.py; symbols: tests/test_symbols_scenario.py
-SCENARIOS = ["basic", "nt-only", "real-machine", "symbols"]
+# real-machine: tests/test_real_machine.py; tables: tests/test_kcbtable_truth.py;
+# symbols: tests/test_symbols_scenario.py
+SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols"]
 THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wow64",
                   "Reason": "reason", "State": "state", "WaitReason": "wait_reason",
                   "NestingLevel": "nesting_level", "Rip": "rip", "Symbol": "symbol",
-                  "Rsp": "rsp", "KernelSide": "kernel_side", "Notes": "notes"}
+                  "Rsp": "rsp", "Table": "table", "KernelSide": "kernel_side",
+                  "Notes": "notes"}
 FRAME_COLUMNS = {"Level": "level", "Rip": "rip", "Symbol": "symbol", "Rsp": "rsp",
                  "Frame": "frame", "ApiNumber": "api_number", "Handler": "handler",
-                 "HandlerSymbol": "handler_symbol", "Callback": "callback",
-                 "Buffer": "buffer", "Length": "length",
-                 "KernelSide": "kernel_side", "Notes": "notes"}
+                 "HandlerSymbol": "handler_symbol", "Callback": "callback", "Table": "table",
+                 "Buffer": "buffer", "Length": "length", "KernelSide": "kernel_side",
+                 "Notes": "notes"}
 THREAD_ONLY_NULL = ("Frame", "ApiNumber", "Handler", "HandlerSymbol", "Callback", "Buffer",
                     "Length")
 

@@ -34,7 +34,9 @@ from volatility3.plugins.windows.kcbwait_analysis import (  # noqa: E402
     kernel_callout,
     memory,
     ntdll_exports,
+    pdb_names,
     pe_exports,
+    runtime_functions,
     symbolizer,
     trap_frame,
     user_callout,
@@ -214,9 +216,31 @@ def test_build_facts_prefers_kernel_dispatcher_inside_the_image():
 USER32 = symbolizer.LoadedModule(0x7FFA_0000_0000, 0x10000, "USER32.dll", r"C:\w\user32.dll")
 
 
-def user32_exports():
-    return pe_exports.ModuleExports.from_pairs(
-        USER32.base, [("DispatchMessageW", USER32.base + 0x1000)]
+def unwind_image(chains: dict[int, tuple[int, int, int]] | None = None):
+    """An unwind-data reader over a fake image: the UNWIND_INFO at each RVA in ``chains`` has
+    UNW_FLAG_CHAININFO and 3 codes (padded to 4) before its parent RUNTIME_FUNCTION; zero bytes
+    elsewhere read as UNWIND_INFO without flags."""
+    image = bytearray(0x10000)
+    for rva, parent in (chains or {}).items():
+        image[rva : rva + 4] = bytes([1 | (runtime_functions.UNW_FLAG_CHAININFO << 3), 4, 3, 0])
+        struct.pack_into("<III", image, rva + 4 + 2 * 4, *parent)
+
+    def read(rva, length):
+        if not 0 <= rva <= len(image) - length:
+            return None
+        return bytes(image[rva : rva + length])
+
+    return read
+
+
+def user32_symbols(pdata=(), chains=None, names=None):
+    """USER32 with one export at +0x1000 (or ``names``) and RUNTIME_FUNCTIONs ``pdata``."""
+    names = names or [("DispatchMessageW", 0x1000)]
+    packed = b"".join(struct.pack("<III", *entry) for entry in pdata)
+    return symbolizer.ModuleSymbols(
+        pe_exports.ModuleExports.from_pairs(USER32.base, [(n, USER32.base + r) for n, r in names]),
+        runtime_functions.RuntimeFunctions.parse(packed),
+        unwind_image(chains),
     )
 
 
@@ -226,27 +250,67 @@ def user32_exports():
         (0x1000, "USER32.dll!DispatchMessageW"),
         (0x1014, "USER32.dll!DispatchMessageW+0x14"),
         (0x10FF, "USER32.dll!DispatchMessageW+0xff"),
+        # An unexported routine right after the export's function is not the export.
         (0x1100, "USER32.dll+0x1100"),
+        (0x1180, "USER32.dll+0x1180"),
         (0x0800, "USER32.dll+0x800"),
     ],
 )
-def test_format_symbol(offset, expected):
-    assert symbolizer.format_symbol(USER32, user32_exports(), USER32.base + offset) == expected
+def test_names_get_offsets_only_inside_their_function(offset, expected):
+    symbols = user32_symbols(pdata=[(0x1000, 0x1100, 0x8000), (0x1100, 0x1200, 0x8010)])
+    assert symbolizer.format_symbol(USER32, symbols, USER32.base + offset) == expected
 
 
-def test_symbolizer_without_exports_or_module():
-    assert symbolizer.format_symbol(USER32, None, USER32.base + 0x1014) == "USER32.dll+0x1014"
+def test_chained_parts_belong_to_their_primary_function():
+    # 0x3000-0x3040 is a cold part of the function at 0x1000 (its UNWIND_INFO chains back).
+    pdata = [(0x1000, 0x1100, 0x8000), (0x3000, 0x3040, 0x8100)]
+    chained = user32_symbols(pdata, chains={0x8100: (0x1000, 0x1100, 0x8000)})
+    assert symbolizer.format_symbol(USER32, chained, USER32.base + 0x3010) == (
+        "USER32.dll!DispatchMessageW+0x2010"
+    )
+    unchained = user32_symbols(pdata)
+    assert symbolizer.format_symbol(USER32, unchained, USER32.base + 0x3010) == "USER32.dll+0x3010"
+    # A chain that loops back on itself ends where it started, without hanging.
+    looping = user32_symbols(pdata, chains={0x8100: (0x3000, 0x3040, 0x8100)})
+    assert symbolizer.format_symbol(USER32, looping, USER32.base + 0x3010) == "USER32.dll+0x3010"
+
+
+def test_leaf_routines_without_unwind_data_span_at_most_their_stub():
+    names = [("NtClose", 0x2000), ("NtOpenFile", 0x2020), ("RtlBig", 0x3000)]
+    symbols = user32_symbols(names=names)  # no .pdata at all (or unreadable)
+    fmt = symbolizer.format_symbol
+    assert fmt(USER32, symbols, USER32.base + 0x2014) == "USER32.dll!NtClose+0x14"
+    assert fmt(USER32, symbols, USER32.base + 0x2020) == "USER32.dll!NtOpenFile"
+    assert fmt(USER32, symbols, USER32.base + 0x3020) == "USER32.dll+0x3020"
+    # A leaf name next to an address inside a RUNTIME_FUNCTION: different functions.
+    mixed = user32_symbols(pdata=[(0x2010, 0x2040, 0x8000)], names=names)
+    assert fmt(USER32, mixed, USER32.base + 0x2014) == "USER32.dll+0x2014"
+
+
+def test_symbolizer_without_names_or_module():
+    empty = symbolizer.ModuleSymbols(None, runtime_functions.RuntimeFunctions(), unwind_image())
+    assert symbolizer.format_symbol(USER32, empty, USER32.base + 0x1014) == "USER32.dll+0x1014"
     requested = []
 
     def provider(module):
         requested.append(module.name)
-        return user32_exports()
+        return user32_symbols(pdata=[(0x1000, 0x1100, 0x8000)])
 
     sym = symbolizer.Symbolizer([USER32], provider)
     assert sym.symbolize(0x1000) is None
     assert sym.symbolize(None) is None
-    assert requested == []  # exports are parsed only for a module that contains the address
+    assert requested == []  # names are loaded only for a module that contains the address
     assert sym.symbolize(USER32.base + 0x1002) == "USER32.dll!DispatchMessageW+0x2"
+
+
+def test_codeview_records():
+    guid = bytes(range(16))
+    record = b"RSDS" + guid + struct.pack("<I", 2) + b"C:\\build\\x64\\Hook.pdb\0junk"
+    codeview = pdb_names.parse_rsds(record)
+    assert codeview == pdb_names.CodeView("Hook.pdb", "030201000504070608090A0B0C0D0E0F", 2)
+    assert pdb_names.parse_rsds(b"NB10" + bytes(30)) is None
+    assert pdb_names.parse_rsds(b"RSDS" + guid + struct.pack("<I", 0) + b"x.pdb\0") is None
+    assert pdb_names.parse_rsds(b"RSDS" + guid) is None
 
 
 # ----------------------------------------------------------------------------- user stack

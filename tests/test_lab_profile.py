@@ -246,6 +246,9 @@ def test_pinned_offsets_and_sizes() -> None:
     assert layouts["_KSTACK_CONTROL"].size == 0x30
     assert layouts["_DISPATCHER_HEADER"].fields["Size"].size == 1
     assert layouts["_EPROCESS"].fields["ImageFileName"].size == 15
+    # the 32-bit PEB of a WoW64 process: pointers are ULONGs, the table at +0x2C as in Windows
+    assert layouts["_PEB32"].fields["KernelCallbackTable"].offset == 0x2C
+    assert layouts["_PEB32"].fields["KernelCallbackTable"].size == 4
     assert layouts["_OBJECT_HEADER"].fields["Body"].offset % 16 == 0
     for field_name in ("TrapFrame", "OutputBuffer", "OutputLength"):
         field = layouts["_KEXCEPTION_FRAME"].fields[field_name]

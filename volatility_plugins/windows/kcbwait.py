@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
-from volatility3.plugins.windows import pslist, threads
+from volatility3.plugins.windows import threads
 from volatility3.plugins.windows.kcbwait_analysis import (
     findings,
-    kernel_facts,
     memory,
+    plugin_requirements,
     process_info,
     read_stats,
     results,
@@ -60,6 +60,8 @@ COLUMNS = [
     ("ApiNumber", int),
     ("Handler", format_hints.Hex),
     ("HandlerSymbol", str),
+    ("Callback", str),
+    ("Table", str),
     ("Buffer", format_hints.Hex),
     ("Length", int),
     ("KernelSide", str),
@@ -79,33 +81,30 @@ def _cell(value, field=None, unreadable=frozenset(), hex_value: bool = False):
     return value
 
 
+def _identity_cells(result: results.ThreadResult) -> tuple:
+    """PID, TID, Process and Wow64: the same on a thread's row and its callback rows."""
+    process = result.process
+    unreadable = result.unreadable | process.unreadable
+    return (
+        _cell(process.pid, results.Field.PID, unreadable),
+        _cell(result.tid, results.Field.TID, unreadable),
+        _cell(text.display(process.name), results.Field.PROCESS, unreadable),
+        _cell(process.wow64, results.Field.WOW64, unreadable),
+    )
+
+
 class KcbWait(interfaces.plugins.PluginInterface):
     """Lists threads waiting at ZwCallbackReturn or inside kernel-to-user callbacks (x64)."""
 
     _required_framework_version = (2, 26, 0)
-    _version = (2, 0, 0)
+    _version = (3, 0, 0)
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [
-            # Intel32 is accepted only so that a 32-bit image gets this plugin's own clear
-            # error message instead of an unsatisfied-requirement listing.
-            requirements.ModuleRequirement(
-                name="kernel",
-                description="Windows kernel",
-                architectures=["Intel32", "Intel64"],
-            ),
-            requirements.VersionRequirement(
-                name="pslist", component=pslist.PsList, version=(3, 0, 0)
-            ),
+            *plugin_requirements.common_requirements(),
             requirements.VersionRequirement(
                 name="threads", component=threads.Threads, version=(3, 0, 0)
-            ),
-            requirements.ListRequirement(
-                name="pid",
-                element_type=int,
-                description="Process IDs to include (all other processes are excluded)",
-                optional=True,
             ),
             requirements.ListRequirement(
                 name="tid",
@@ -146,25 +145,12 @@ class KcbWait(interfaces.plugins.PluginInterface):
         ReadStats when not given) and are logged at debug level when the run ends.
         """
         stats = stats if stats is not None else read_stats.ReadStats()
-        facts = kernel_facts.KernelFacts.resolve(context, kernel_module_name)
-        catalog = process_info.ImageCatalog(
-            context,
-            facts,
-            lambda: pslist.PsList.list_processes(context, kernel_module_name),
-            stats,
-        )
+        catalog = process_info.ImageCatalog.for_kernel(context, kernel_module_name, stats)
         analyzer = thread_analysis.ThreadAnalyzer(context, kernel_module_name, catalog, stats)
         lister = thread_list.ThreadLister(context, kernel_module_name, stats)
         tid_filter = set(tids or [])
         # Listing the processes first (bounded) gives the progress callback a total.
-        processes = list(
-            memory.bounded(
-                pslist.PsList.list_processes(
-                    context, kernel_module_name, filter_func=pslist.PsList.create_pid_filter(pids)
-                ),
-                process_info.MAX_PROCESSES,
-            )
-        )
+        processes = process_info.listed_processes(context, kernel_module_name, pids)
         budget = MAX_TOTAL_THREADS
         try:
             for index, proc in enumerate(processes):
@@ -198,13 +184,9 @@ class KcbWait(interfaces.plugins.PluginInterface):
 
     @staticmethod
     def _thread_row(result: results.ThreadResult) -> tuple:
-        process = result.process
-        unreadable = result.unreadable | process.unreadable
+        unreadable = result.unreadable | result.process.unreadable
         return (
-            _cell(process.pid, results.Field.PID, unreadable),
-            _cell(result.tid, results.Field.TID, unreadable),
-            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
-            _cell(process.wow64, results.Field.WOW64, unreadable),
+            *_identity_cells(result),
             0,
             wording.reason(result.reason),
             _cell(result.state, results.Field.STATE, unreadable),
@@ -218,23 +200,21 @@ class KcbWait(interfaces.plugins.PluginInterface):
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
+            _cell(text.display(wording.table_verdict(result.table))),
+            renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             _cell(wording.kernel_side(result.kernel_side, thread_row=True)),
-            wording.thread_notes(result.notes),
+            # Notes and Table name modules: strings from the image, escaped like names.
+            text.display(wording.thread_notes(result.notes)),
         )
 
     @staticmethod
     def _callback_row(result: results.ThreadResult, callback: results.CallbackResult) -> tuple:
-        process = result.process
-        unreadable = result.unreadable | process.unreadable
         level = callback.level
         frame = level.frame
         columns = callback.unreadable
         return (
-            _cell(process.pid, results.Field.PID, unreadable),
-            _cell(result.tid, results.Field.TID, unreadable),
-            _cell(text.display(process.name), results.Field.PROCESS, unreadable),
-            _cell(process.wow64, results.Field.WOW64, unreadable),
+            *_identity_cells(result),
             _cell(level.number),
             wording.CALLBACK,
             renderers.NotApplicableValue(),
@@ -252,6 +232,8 @@ class KcbWait(interfaces.plugins.PluginInterface):
             _cell(None if frame is None else frame.api_number, results.Field.API_NUMBER, columns),
             _cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
             _cell(text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns),
+            _cell(callback.callback),
+            _cell(text.display(wording.table_verdict(callback.table))),
             _cell(
                 None if frame is None else frame.buffer,
                 results.Field.BUFFER,
@@ -260,7 +242,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             ),
             _cell(None if frame is None else frame.length, results.Field.LENGTH, columns),
             wording.kernel_side(level.kernel_side),
-            wording.level_notes(callback.notes),
+            text.display(wording.level_notes(callback.notes)),
         )
 
     def _generator(self):
@@ -282,11 +264,6 @@ class KcbWait(interfaces.plugins.PluginInterface):
                 yield 1, self._callback_row(result, callback)
 
     def run(self) -> renderers.TreeGrid:
-        kernel = self.context.modules[self.config["kernel"]]
-        if not kernel_facts.is_64bit_kernel(self.context, kernel):
-            vollog.error(
-                "windows.kcbwait supports only 64-bit (x64) Windows kernels; "
-                "this image's kernel is 32-bit, so no threads are analysed"
-            )
-            return renderers.TreeGrid(COLUMNS, iter(()))
-        return renderers.TreeGrid(COLUMNS, self._generator())
+        return plugin_requirements.x64_tree_grid(
+            self.context, self.config["kernel"], "windows.kcbwait", COLUMNS, self._generator
+        )

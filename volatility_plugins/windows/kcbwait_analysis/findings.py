@@ -210,6 +210,8 @@ class ThreadNotes:
     """Facts about one thread, each rendered as one note of the contract."""
 
     foreign: ForeignThread | None = None
+    instrumentation_callback: tuple[int, object] | None = None
+    """(KPROCESS.InstrumentationCallback, where it points: a callback_table.Where)."""
     kernel_stack_not_resident: bool = False
     no_user_trap_frame: bool = False
     trap_frame_differs: int | None = None

@@ -104,6 +104,7 @@ class KernelFacts:
 
     table_name: str
     dispatcher: int | None
+    kernel_layer: str = ""
     dispatcher_return: int | None = None
     states: dict[int, str] = field(default_factory=dict)
     wait_reasons: dict[int, str] = field(default_factory=dict)
@@ -119,6 +120,7 @@ class KernelFacts:
         kernel = context.modules[kernel_module_name]
         return cls(
             table_name=kernel.symbol_table_name,
+            kernel_layer=kernel.layer_name,
             dispatcher=kernel_dispatcher_address(context, kernel),
             dispatcher_return=kernel_dispatcher_return(context, kernel),
             states=enum_names(kernel, KTHREAD_STATE_ENUMS),

@@ -42,6 +42,10 @@ _EXPORT_DIRECTORY = struct.Struct("<20xIIIII")
 
 IMAGE_DIRECTORY_ENTRY_EXPORT = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_EXPORT"]
 IMAGE_DIRECTORY_ENTRY_EXCEPTION = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_EXCEPTION"]
+IMAGE_DIRECTORY_ENTRY_DEBUG = pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_DEBUG"]
+# IMAGE_SECTION_HEADER.Characteristics bits.
+IMAGE_SCN_MEM_EXECUTE = 0x20000000
+IMAGE_SCN_MEM_WRITE = 0x80000000
 
 UNREADABLE = "unreadable"
 INVALID = "invalid"
@@ -99,12 +103,41 @@ class DataDirectory:
 
 
 @dataclass(frozen=True)
+class Section:
+    """One IMAGE_SECTION_HEADER as mapped: [rva, rva + size)."""
+
+    name: str
+    rva: int
+    size: int
+    characteristics: int
+
+    def contains(self, rva: int) -> bool:
+        return self.rva <= rva < self.rva + self.size
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.characteristics & IMAGE_SCN_MEM_EXECUTE)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.characteristics & IMAGE_SCN_MEM_WRITE)
+
+
+@dataclass(frozen=True)
 class ImageHeaders:
     """The few header facts this plugin needs from a mapped image."""
 
     size_of_image: int
     export: DataDirectory
     exception: DataDirectory
+    debug: DataDirectory = DataDirectory(0, 0)
+    sections: tuple[Section, ...] = ()
+
+    def section_of(self, rva: int) -> Section | None:
+        for section in self.sections:
+            if section.contains(rva):
+                return section
+        return None
 
 
 def parse_headers(header: bytes) -> ImageHeaders | None:
@@ -120,10 +153,21 @@ def parse_headers(header: bytes) -> ImageHeaders | None:
             return DataDirectory(directories[index].VirtualAddress, directories[index].Size)
         return DataDirectory(0, 0)
 
+    sections = []
+    for section in pe.sections:
+        # The loader maps VirtualSize (SizeOfRawData when it is 0) rounded up to
+        # SectionAlignment; pefile reads the section table from this one header page only.
+        alignment = max(1, pe.OPTIONAL_HEADER.SectionAlignment or 1)
+        span = section.Misc_VirtualSize or section.SizeOfRawData
+        span = (span + alignment - 1) // alignment * alignment
+        name = text.latin1(section.Name)
+        sections.append(Section(name, section.VirtualAddress, span, section.Characteristics))
     return ImageHeaders(
         pe.OPTIONAL_HEADER.SizeOfImage,
         directory(IMAGE_DIRECTORY_ENTRY_EXPORT),
         directory(IMAGE_DIRECTORY_ENTRY_EXCEPTION),
+        directory(IMAGE_DIRECTORY_ENTRY_DEBUG),
+        tuple(sections),
     )
 
 

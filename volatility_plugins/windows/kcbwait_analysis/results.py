@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from volatility3.plugins.windows.kcbwait_analysis import callback_levels, findings
+from volatility3.plugins.windows.kcbwait_analysis import callback_levels, callback_table, findings
 
 
 class Field(enum.Enum):
@@ -53,8 +53,12 @@ class CallbackResult:
     handler: int | None
     handler_symbol: str | None
     notes: findings.LevelNotes
-    unreadable: frozenset[str] = frozenset()
-    """Columns whose value is absent because memory could not be read."""
+    unreadable: frozenset[Field] = frozenset()
+    """Values absent because memory could not be read."""
+    callback: str | None = None
+    """The PDB name of user32's original table entry for this ApiNumber."""
+    table: callback_table.TableVerdict | None = None
+    """This level's table entry: in the owner's code, or hijacked."""
 
     @property
     def number(self) -> int | None:
@@ -73,7 +77,7 @@ class ProcessSummary:
     pid: int | None
     name: str | None
     wow64: bool | None
-    unreadable: frozenset[str] = frozenset()
+    unreadable: frozenset[Field] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -93,4 +97,6 @@ class ThreadResult:
     notes: findings.ThreadNotes
     kernel_stack: findings.KernelStackStatus = findings.KernelStackStatus.READABLE
     callbacks: tuple[CallbackResult, ...] = ()
-    unreadable: frozenset[str] = field(default_factory=frozenset)
+    unreadable: frozenset[Field] = field(default_factory=frozenset)
+    table: callback_table.TableVerdict | None = None
+    """The process's table and the entries this thread's levels use."""

@@ -1,4 +1,8 @@
-"""Turns user-mode addresses into ``module!export+0xNN`` names (docs/output-contract.md).
+"""Turns user-mode addresses into ``module!name+0xNN`` names (docs/output-contract.md, "Symbols").
+
+Names are the module's PDB symbols when Volatility has its PDB's table, else its exports; an
+offset is given only inside the name's own function (``runtime_functions``), so an address in an
+unexported routine is ``module+0xRVA``, never the previous export's name.
 
 Modules come from the process's own 64-bit PEB loader list (InLoadOrderModuleList); the module
 name is the loader entry's BaseDllName exactly as stored (UTF-16, unpaired surrogates kept; the
@@ -10,13 +14,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from volatility3.framework import constants, exceptions, interfaces
-from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports, read_stats, text
+from volatility3.plugins.windows.kcbwait_analysis import (
+    memory,
+    pe_exports,
+    read_stats,
+    runtime_functions,
+    text,
+)
 
-# docs/output-contract.md: "+0xNN" only when the nearest export is less than 0x100 bytes below.
-EXPORT_DISTANCE_LIMIT = 0x100
+# docs/output-contract.md: a leaf routine without unwind data (a system-call stub in some
+# builds) is taken to span at most this far from its name.
+LEAF_SPAN = 0x20
 # A process has a few hundred modules at most; a longer list is corrupt or cyclic.
 MAX_LOADER_ENTRIES = 1024
 # MAX_PATH-sized names are plenty; UNICODE_STRING.Length is a byte count.
@@ -41,7 +52,18 @@ class LoadedModule:
         return self.base, self.path.lower()
 
 
-ExportsProvider = Callable[[LoadedModule], Optional[pe_exports.ModuleExports]]
+@dataclass(frozen=True)
+class ModuleSymbols:
+    """What naming addresses in one module copy needs: its names (PDB symbols or exports,
+    absolute addresses), its RUNTIME_FUNCTIONs and a reader of its unwind data by RVA."""
+
+    names: pe_exports.ModuleExports | None
+    functions: runtime_functions.RuntimeFunctions
+    read: runtime_functions.UnwindReader
+    from_pdb: bool = False
+
+
+SymbolsProvider = Callable[[LoadedModule], ModuleSymbols]
 
 
 def find_module(modules: Sequence[LoadedModule], address: int) -> LoadedModule | None:
@@ -52,33 +74,38 @@ def find_module(modules: Sequence[LoadedModule], address: int) -> LoadedModule |
     return None
 
 
-def format_symbol(
-    module: LoadedModule, exports: pe_exports.ModuleExports | None, address: int
-) -> str:
-    """``module!export`` at an export, ``module!export+0xNN`` when the nearest export below is
-    less than 0x100 bytes away, else ``module+0xRVA``."""
-    if exports is not None:
-        nearest = exports.nearest_at_or_below(address)
-        if nearest is not None:
-            export_address, name = nearest
-            distance = address - export_address
-            if export_address >= module.base and distance < EXPORT_DISTANCE_LIMIT:
-                if distance == 0:
-                    return f"{module.name}!{name}"
-                return f"{module.name}!{name}+{distance:#x}"
+def format_symbol(module: LoadedModule, symbols: ModuleSymbols, address: int) -> str:
+    """``module!name`` at a name, ``module!name+0xNN`` inside that name's function, else
+    ``module+0xRVA``."""
+    names = symbols.names
+    nearest = names.nearest_at_or_below(address) if names is not None else None
+    if nearest is not None and nearest[0] >= module.base:
+        name_address, name = nearest
+        distance = address - name_address
+        if distance == 0:
+            return f"{module.name}!{name}"
+        same = runtime_functions.same_function(
+            symbols.functions, name_address - module.base, address - module.base, symbols.read
+        )
+        if same is None:
+            following = names.next_above(name_address)
+            end = name_address + LEAF_SPAN
+            same = address < (end if following is None else min(end, following))
+        if same:
+            return f"{module.name}!{name}+{distance:#x}"
     return f"{module.name}+{address - module.base:#x}"
 
 
 class Symbolizer:
     """Symbolizes addresses against one process's module list.
 
-    Export tables are requested lazily from ``exports_provider`` (which caches per image), so only
+    Symbols are requested lazily from ``symbols_provider`` (which caches per image), so only
     modules that actually contain a reported address are parsed.
     """
 
-    def __init__(self, modules: Sequence[LoadedModule], exports_provider: ExportsProvider):
+    def __init__(self, modules: Sequence[LoadedModule], symbols_provider: SymbolsProvider):
         self.modules = list(modules)
-        self._exports_provider = exports_provider
+        self._symbols_provider = symbols_provider
 
     def symbolize(self, address: int | None) -> str | None:
         """The contract's symbol for ``address``; None when no module contains it."""
@@ -87,7 +114,13 @@ class Symbolizer:
         module = find_module(self.modules, address)
         if module is None:
             return None
-        return format_symbol(module, self._exports_provider(module), address)
+        return format_symbol(module, self._symbols_provider(module), address)
+
+    def module_of(self, address: int) -> LoadedModule | None:
+        return find_module(self.modules, address)
+
+    def symbols_of(self, module: LoadedModule) -> ModuleSymbols:
+        return self._symbols_provider(module)
 
 
 def _unicode_string(

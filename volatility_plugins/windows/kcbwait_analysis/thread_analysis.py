@@ -24,6 +24,7 @@ from typing import Callable
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_levels,
+    callback_table,
     findings,
     kernel_callout,
     memory,
@@ -171,15 +172,24 @@ class ThreadAnalyzer:
 
         levels = self._levels(info, fields, stack, user_frame, ntdll, found)
         sym = self._catalog.symbolizer(info)
-        callbacks = tuple(self._callback(info, level, sym, found) for level in levels)
+        table = self._catalog.process_table(info)
+        if table is not None and table.table == 0:
+            table = None  # no table to check (a process that never loaded user32)
+        callbacks = tuple(self._callback(info, level, sym, table, found) for level in levels)
         readable = stack.status is findings.KernelStackStatus.READABLE
         nesting = fields.nesting_level
         in_callback = bool(nesting) or bool(stack.levels if readable else levels)
         if stack.status is findings.KernelStackStatus.BROKEN:
             found.unreadable.add(findings.Unreadable.KERNEL_STACK)
         frames_found = sum(1 for level in levels if level.is_frame)
+        instrumentation = self._catalog.instrumentation_callback(info)
         notes = findings.ThreadNotes(
             foreign=foreign,
+            instrumentation_callback=(
+                (instrumentation, self._catalog.where(info, instrumentation))
+                if instrumentation is not None
+                else None
+            ),
             kernel_stack_not_resident=stack.status is findings.KernelStackStatus.NOT_RESIDENT,
             no_user_trap_frame=(
                 stack.status is not findings.KernelStackStatus.NOT_RESIDENT and user_frame is None
@@ -221,6 +231,13 @@ class ThreadAnalyzer:
             notes=notes,
             kernel_stack=stack.status,
             callbacks=callbacks,
+            table=(
+                callback_table.combine(
+                    [table.verdict(), *(c.table for c in callbacks if c.table is not None)]
+                )
+                if table is not None
+                else None
+            ),
             unreadable=frozenset(fields.unreadable),
         )
 
@@ -347,6 +364,7 @@ class ThreadAnalyzer:
         info: process_info.ProcessInfo,
         level: callback_levels.Level,
         sym,
+        table: callback_table.ProcessTable | None,
         found: _Findings,
     ) -> results.CallbackResult:
         """The callback row of ``level``; its facts are also recorded for the thread row."""
@@ -354,6 +372,8 @@ class ThreadAnalyzer:
         invalid: set[findings.Invalid] = set()
         columns: set[results.Field] = set()
         handler = None
+        entry = None
+        name = None
         if level.frame is None:
             if level.frame_address is not None:
                 columns.update(results.FRAME_FIELDS)
@@ -366,6 +386,10 @@ class ThreadAnalyzer:
                 columns.update((results.Field.HANDLER, results.Field.HANDLER_SYMBOL))
             if handler_invalid is not None:
                 invalid.add(handler_invalid)
+            api_number = level.frame.api_number
+            if table is not None and api_number < MAX_CALLBACK_TABLE_ENTRIES:
+                entry = table.entry(api_number, handler)
+            name = self._catalog.callback_name(info, api_number)
         found.unreadable.update(unreadable)
         found.invalid.update(invalid)
         return results.CallbackResult(
@@ -377,6 +401,8 @@ class ThreadAnalyzer:
                 level.return_outside_dispatcher, frozenset(unreadable), frozenset(invalid)
             ),
             unreadable=frozenset(columns),
+            callback=name,
+            table=entry,
         )
 
 

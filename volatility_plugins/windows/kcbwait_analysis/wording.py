@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from volatility3.plugins.windows.kcbwait_analysis import findings
+from volatility3.plugins.windows.kcbwait_analysis import callback_table, findings
 
 NOTE_SEPARATOR = "; "
 
@@ -107,6 +107,8 @@ def thread_notes(notes: findings.ThreadNotes) -> str:
     out = []
     if notes.foreign is not None:
         out.append(foreign_note(notes.foreign))
+    if notes.instrumentation_callback is not None:
+        out.append(instrumentation_note(*notes.instrumentation_callback))
     if notes.kernel_stack_not_resident:
         out.append("kernel stack not resident")
     if notes.no_user_trap_frame:
@@ -135,3 +137,39 @@ def level_notes(notes: findings.LevelNotes) -> str:
         out.append(return_address_note(notes.return_address))
     out.extend(_fact_notes(notes.unreadable, notes.invalid))
     return NOTE_SEPARATOR.join(out)
+
+
+def where(value: callback_table.Where) -> str:
+    """``module+0xRVA``, ``private RWX memory 0x...`` or ``private memory 0x...``."""
+    if isinstance(value, callback_table.InModule):
+        return f"{value.module}+{value.rva:#x}"
+    kind = "private RWX memory" if value.rwx else "private memory"
+    return f"{kind} {value.address:#x}"
+
+
+def hijack(item: callback_table.Hijack) -> str:
+    """One hijack item; every one starts with ``hijacked`` (``grep -i hijack``)."""
+    if isinstance(item, callback_table.TableOutsideOwner):
+        return f"hijacked: table at {item.table:#x} in {where(item.where)}"
+    if isinstance(item, callback_table.TableInWritableSection):
+        return (
+            f"hijacked: table at {item.table:#x} in writable section {item.section} of {item.owner}"
+        )
+    if isinstance(item, callback_table.TableOutsideSections):
+        return f"hijacked: table at {item.table:#x} outside the sections of {item.owner}"
+    return f"hijacked: entry {item.index} -> {where(item.where)}"
+
+
+def table_verdict(value: callback_table.TableVerdict | None) -> str | None:
+    """``ok``, or the hijack items and ``unreadable: KernelCallbackTable`` (when something could
+    not be read) joined with ``; ``."""
+    if value is None:
+        return None
+    items = [hijack(item) for item in value.hijacks]
+    if value.unreadable:
+        items.append("unreadable: KernelCallbackTable")
+    return NOTE_SEPARATOR.join(items) if items else "ok"
+
+
+def instrumentation_note(address: int, target: callback_table.Where) -> str:
+    return f"instrumentation callback {address:#x} in {where(target)}"
