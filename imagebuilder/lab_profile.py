@@ -61,6 +61,7 @@ ISF_FORMAT = "6.1.0"
 PRODUCER = {"name": "kcbwait-imagebuilder-lab-profile", "version": "1"}
 
 
+
 # -- layout -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FieldLayout:
@@ -110,21 +111,19 @@ class _Layouter:
     # type strings
     def resolve(self, tstr: str) -> _Resolved:
         if tstr.startswith("pointer:"):
-            target = tstr[len("pointer:") :]
-            return _Resolved(
-                {"kind": "pointer", "subtype": self.reference(target)}, POINTER_SIZE, POINTER_SIZE
-            )
+            target = tstr[len("pointer:"):]
+            return _Resolved({"kind": "pointer", "subtype": self.reference(target)},
+                             POINTER_SIZE, POINTER_SIZE)
         if tstr.startswith("array:"):
             _, count_text, element = tstr.split(":", 2)
             count = int(count_text, 0)
             if count <= 0:
                 raise LayoutError(f"array of {count} elements: {tstr}")
             sub = self.resolve(element)
-            return _Resolved(
-                {"kind": "array", "count": count, "subtype": sub.isf}, sub.size * count, sub.align
-            )
+            return _Resolved({"kind": "array", "count": count, "subtype": sub.isf},
+                             sub.size * count, sub.align)
         if tstr.startswith("enum:"):
-            name = tstr[len("enum:") :]
+            name = tstr[len("enum:"):]
             if name not in self.enums:
                 raise LayoutError(f"unknown enum {name}")
             size = self.enums[name]["size"]
@@ -138,9 +137,8 @@ class _Layouter:
             return _Resolved({"kind": "base", "name": tstr}, size, size)
         if tstr in self.types:
             sub_layout = self.layout(tstr)
-            return _Resolved(
-                {"kind": sub_layout.kind, "name": tstr}, sub_layout.size, sub_layout.align
-            )
+            return _Resolved({"kind": sub_layout.kind, "name": tstr},
+                             sub_layout.size, sub_layout.align)
         raise LayoutError(f"unknown type {tstr!r}")
 
     def reference(self, tstr: str) -> dict[str, Any]:
@@ -173,14 +171,9 @@ class _Layouter:
         self.done[name] = result
         return result
 
-    def _sequence(
-        self,
-        owner: str,
-        entries: tuple[Any, ...] | list[Any],
-        start: int,
-        path: tuple[tuple[int, int], ...],
-        fields: dict[str, FieldLayout],
-    ) -> tuple[int, int]:
+    def _sequence(self, owner: str, entries: tuple[Any, ...] | list[Any], start: int,
+                  path: tuple[tuple[int, int], ...],
+                  fields: dict[str, FieldLayout]) -> tuple[int, int]:
         """Lays entries out one after another from ``start``; returns (end, alignment)."""
         offset = start
         align = 1
@@ -201,24 +194,11 @@ class _Layouter:
                     unit_offset = _align_up(offset, size)
                     offset = unit_offset + size
                     used = 0
-                self._add(
-                    owner,
-                    fields,
-                    FieldLayout(
-                        name,
-                        unit_offset,
-                        size,
-                        {
-                            "kind": "bitfield",
-                            "bit_position": used,
-                            "bit_length": width,
-                            "type": {"kind": "base", "name": base},
-                        },
-                        used,
-                        width,
-                        path,
-                    ),
-                )
+                self._add(owner, fields, FieldLayout(
+                    name, unit_offset, size, {"kind": "bitfield", "bit_position": used,
+                                              "bit_length": width,
+                                              "type": {"kind": "base", "name": base}},
+                    used, width, path))
                 unit = (unit_offset, size, used + width)
                 align = max(align, size)
                 continue
@@ -231,21 +211,20 @@ class _Layouter:
                 target = start + entry.offset
                 if target < offset:
                     raise LayoutError(
-                        f"{owner}: PadTo({entry.offset:#x}) but already at {offset - start:#x}"
-                    )
+                        f"{owner}: PadTo({entry.offset:#x}) but already at {offset - start:#x}")
                 offset = target
             elif isinstance(entry, Overlay):
                 overlay_align = self._overlay_alignment(owner, entry.alternatives)
                 offset = _align_up(offset, overlay_align)
-                offset, sub_align = self._overlay(owner, entry.alternatives, offset, path, fields)
+                offset, sub_align = self._overlay(owner, entry.alternatives, offset, path,
+                                                  fields)
                 align = max(align, sub_align)
             elif isinstance(entry, tuple) and len(entry) == 2:
                 name, tstr = entry
                 resolved = self.resolve(tstr)
                 offset = _align_up(offset, resolved.align)
-                self._add(
-                    owner, fields, FieldLayout(name, offset, resolved.size, resolved.isf, path=path)
-                )
+                self._add(owner, fields, FieldLayout(name, offset, resolved.size, resolved.isf,
+                                                     path=path))
                 offset += resolved.size
                 align = max(align, resolved.align)
             else:
@@ -257,14 +236,9 @@ class _Layouter:
         _, align = self._overlay(owner, alternatives, 0, (), scratch)
         return align
 
-    def _overlay(
-        self,
-        owner: str,
-        alternatives: tuple[Any, ...] | list[Any],
-        start: int,
-        path: tuple[tuple[int, int], ...],
-        fields: dict[str, FieldLayout],
-    ) -> tuple[int, int]:
+    def _overlay(self, owner: str, alternatives: tuple[Any, ...] | list[Any], start: int,
+                 path: tuple[tuple[int, int], ...],
+                 fields: dict[str, FieldLayout]) -> tuple[int, int]:
         """Alternatives sharing ``start`` (an anonymous union); returns (end, alignment)."""
         self._overlay_counter += 1
         number = self._overlay_counter
@@ -272,9 +246,8 @@ class _Layouter:
         align = 1
         for index, alternative in enumerate(alternatives):
             entries = alternative if isinstance(alternative, list) else [alternative]
-            end, sub_align = self._sequence(
-                owner, entries, start, path + ((number, index),), fields
-            )
+            end, sub_align = self._sequence(owner, entries, start, path + ((number, index),),
+                                            fields)
             # an anonymous structure alternative is padded to its own alignment, as in C
             size = max(size, _align_up(end - start, sub_align))
             align = max(align, sub_align)
@@ -298,8 +271,7 @@ def layout() -> dict[str, TypeLayout]:
     for type_name, expected in FIXED_SIZES.items():
         if result[type_name].size != expected:
             raise LayoutError(
-                f"sizeof({type_name}) is {result[type_name].size:#x}, must be {expected:#x}"
-            )
+                f"sizeof({type_name}) is {result[type_name].size:#x}, must be {expected:#x}")
     return result
 
 
@@ -328,17 +300,13 @@ def build_isf() -> dict[str, Any]:
             "size": type_layout.size,
             "fields": {
                 item.name: {"offset": item.offset, "type": item.isf_type}
-                for item in sorted(
-                    type_layout.fields.values(),
-                    key=lambda f: (f.offset, f.bit_position or 0, f.name),
-                )
+                for item in sorted(type_layout.fields.values(),
+                                   key=lambda f: (f.offset, f.bit_position or 0, f.name))
             },
         }
     base_types = {name: {"endian": "little", **info} for name, info in BASE_TYPES.items()}
-    enums = {
-        name: {"base": e["base"], "size": e["size"], "constants": dict(e["constants"])}
-        for name, e in ENUMS.items()
-    }
+    enums = {name: {"base": e["base"], "size": e["size"], "constants": dict(e["constants"])}
+             for name, e in ENUMS.items()}
     symbols = {name: {"address": sym.rva} for name, sym in SYMBOLS.items()}
     return {
         "metadata": {
@@ -363,9 +331,8 @@ def build_isf() -> dict[str, Any]:
 def isf_bytes() -> bytes:
     """The xz-compressed table, byte-for-byte the same on every run."""
     text = json.dumps(build_isf(), sort_keys=True, indent=1) + "\n"
-    return lzma.compress(
-        text.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6
-    )
+    return lzma.compress(text.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                         preset=6)
 
 
 def isf_relative_path() -> Path:

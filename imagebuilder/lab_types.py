@@ -99,86 +99,33 @@ PVOID = "pointer:void"
 
 # -- enumerations (names and values are Windows facts) ----------------------------------------
 def _enum(names: list[str], start: int = 0) -> dict[str, Any]:
-    return {
-        "base": "int",
-        "size": 4,
-        "constants": {name: start + i for i, name in enumerate(names)},
-    }
+    return {"base": "int", "size": 4,
+            "constants": {name: start + i for i, name in enumerate(names)}}
 
 
 ENUMS: dict[str, dict[str, Any]] = {
-    "_KTHREAD_STATE": _enum(
-        [
-            "Initialized",
-            "Ready",
-            "Running",
-            "Standby",
-            "Terminated",
-            "Waiting",
-            "Transition",
-            "DeferredReady",
-            "GateWaitObsolete",
-            "WaitingForProcessInSwap",
-        ]
-    ),
-    "_KWAIT_REASON": _enum(
-        [
-            "Executive",
-            "FreePage",
-            "PageIn",
-            "PoolAllocation",
-            "DelayExecution",
-            "Suspended",
-            "UserRequest",
-            "WrExecutive",
-            "WrFreePage",
-            "WrPageIn",
-            "WrPoolAllocation",
-            "WrDelayExecution",
-            "WrSuspended",
-            "WrUserRequest",
-            "WrSpare0",
-            "WrQueue",
-            "WrLpcReceive",
-            "WrLpcReply",
-            "WrVirtualMemory",
-            "WrPageOut",
-            "WrRendezvous",
-            "WrKeyedEvent",
-            "WrTerminated",
-            "WrProcessInSwap",
-            "WrCpuRateControl",
-            "WrCalloutStack",
-            "WrKernel",
-            "WrResource",
-            "WrPushLock",
-            "WrMutex",
-            "WrQuantumEnd",
-            "WrDispatchInt",
-            "WrPreempted",
-            "WrYieldExecution",
-            "WrFastMutex",
-            "WrGuardedMutex",
-            "WrRundown",
-            "WrAlertByThreadId",
-            "WrDeferredPreempt",
-            "WrPhysicalFault",
-            "MaximumWaitReason",
-        ]
-    ),
+    "_KTHREAD_STATE": _enum([
+        "Initialized", "Ready", "Running", "Standby", "Terminated", "Waiting", "Transition",
+        "DeferredReady", "GateWaitObsolete", "WaitingForProcessInSwap",
+    ]),
+    "_KWAIT_REASON": _enum([
+        "Executive", "FreePage", "PageIn", "PoolAllocation", "DelayExecution", "Suspended",
+        "UserRequest", "WrExecutive", "WrFreePage", "WrPageIn", "WrPoolAllocation",
+        "WrDelayExecution", "WrSuspended", "WrUserRequest", "WrSpare0", "WrQueue",
+        "WrLpcReceive", "WrLpcReply", "WrVirtualMemory", "WrPageOut", "WrRendezvous",
+        "WrKeyedEvent", "WrTerminated", "WrProcessInSwap", "WrCpuRateControl",
+        "WrCalloutStack", "WrKernel", "WrResource", "WrPushLock", "WrMutex", "WrQuantumEnd",
+        "WrDispatchInt", "WrPreempted", "WrYieldExecution", "WrFastMutex", "WrGuardedMutex",
+        "WrRundown", "WrAlertByThreadId", "WrDeferredPreempt", "WrPhysicalFault",
+        "MaximumWaitReason",
+    ]),
     "_MODE": _enum(["KernelMode", "UserMode", "MaximumMode"]),
     "_NT_PRODUCT_TYPE": _enum(["NtProductWinNt", "NtProductLanManNt", "NtProductServer"], 1),
-    "_SYSTEM_DLL_TYPE": _enum(
-        [
-            "PsNativeSystemDll",
-            "PsWowX86SystemDll",
-            "PsWowArm32SystemDll",
-            "PsWowAmd64SystemDll",
-            "PsWowChpeX86SystemDll",
-            "PsVsmEnclaveRuntimeDll",
-            "PsSystemDllTotalTypes",
-        ]
-    ),
+    "_SYSTEM_DLL_TYPE": _enum([
+        "PsNativeSystemDll", "PsWowX86SystemDll", "PsWowArm32SystemDll",
+        "PsWowAmd64SystemDll", "PsWowChpeX86SystemDll", "PsVsmEnclaveRuntimeDll",
+        "PsSystemDllTotalTypes",
+    ]),
 }
 
 
@@ -188,8 +135,7 @@ TYPES: dict[str, TypeDecl] = {
     "_LIST_ENTRY": S(("Flink", "pointer:_LIST_ENTRY"), ("Blink", "pointer:_LIST_ENTRY")),
     "_SINGLE_LIST_ENTRY": S(("Next", "pointer:_SINGLE_LIST_ENTRY")),
     "_UNICODE_STRING": S(
-        ("Length", USHORT), ("MaximumLength", USHORT), ("Buffer", "pointer:wchar")
-    ),
+        ("Length", USHORT), ("MaximumLength", USHORT), ("Buffer", "pointer:wchar")),
     "_LARGE_INTEGER": U(
         [("LowPart", ULONG), ("HighPart", "long")],
         ("QuadPart", LL),
@@ -203,27 +149,17 @@ TYPES: dict[str, TypeDecl] = {
     "_M128A": S(("Low", ULL), ("High", LL), align=16),
     "_CLIENT_ID": S(("UniqueProcess", PVOID), ("UniqueThread", PVOID)),
     "_KSYSTEM_TIME": S(("LowPart", ULONG), ("High1Time", "long"), ("High2Time", "long")),
-    "_EX_FAST_REF": S(
-        Overlay(
-            ("Object", PVOID),
-            ("RefCnt", bits(4, ULL)),
-            ("Value", ULL),
-        )
-    ),
-    "_EX_PUSH_LOCK": S(
-        Overlay(
-            _flags(
-                ULL,
-                ("Locked", 1),
-                ("Waiting", 1),
-                ("Waking", 1),
-                ("MultipleShared", 1),
-                ("Shared", 60),
-            ),
-            ("Value", ULL),
-            ("Ptr", PVOID),
-        )
-    ),
+    "_EX_FAST_REF": S(Overlay(
+        ("Object", PVOID),
+        ("RefCnt", bits(4, ULL)),
+        ("Value", ULL),
+    )),
+    "_EX_PUSH_LOCK": S(Overlay(
+        _flags(ULL, ("Locked", 1), ("Waiting", 1), ("Waking", 1), ("MultipleShared", 1),
+               ("Shared", 60)),
+        ("Value", ULL),
+        ("Ptr", PVOID),
+    )),
     "_EX_RUNDOWN_REF": S(Overlay(("Count", ULL), ("Ptr", PVOID))),
     "_RTL_BALANCED_NODE": S(
         Overlay(
@@ -237,6 +173,7 @@ TYPES: dict[str, TypeDecl] = {
         ),
     ),
     "_RTL_AVL_TREE": S(("Root", "pointer:_RTL_BALANCED_NODE")),
+
     # Dispatcher objects ----------------------------------------------------------------------
     "_DISPATCHER_HEADER": S(
         Overlay(
@@ -271,6 +208,7 @@ TYPES: dict[str, TypeDecl] = {
         ("KernelApcPending", UCHAR),
         ("UserApcPendingAll", UCHAR),
     ),
+
     # Processes -------------------------------------------------------------------------------
     "_KPROCESS": S(
         ("Header", "_DISPATCHER_HEADER"),
@@ -333,8 +271,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Flags3", ULONG),
     ),
     "_EWOW64PROCESS": S(
-        ("Peb", PVOID), ("Machine", USHORT), ("NtdllType", "enum:_SYSTEM_DLL_TYPE")
-    ),
+        ("Peb", PVOID), ("Machine", USHORT), ("NtdllType", "enum:_SYSTEM_DLL_TYPE")),
     "_HANDLE_TABLE": S(
         ("NextHandleNeedingPool", ULONG),
         ("ExtraInfoPages", "long"),
@@ -355,6 +292,7 @@ TYPES: dict[str, TypeDecl] = {
         ("CreateTime", ULL),
     ),
     "__anonymous__MM_SESSION_SPACE_u": U(("LongFlags", ULONG)),
+
     # Threads ---------------------------------------------------------------------------------
     "_KTHREAD": S(
         ("Header", "_DISPATCHER_HEADER"),
@@ -369,47 +307,23 @@ TYPES: dict[str, TypeDecl] = {
         ("Running", UCHAR),
         ("Alerted", "array:2:unsigned char"),
         Overlay(
-            _flags(
-                ULONG,
-                ("AutoBoostActive", 1),
-                ("ReadyTransition", 1),
-                ("WaitNext", 1),
-                ("SystemAffinityActive", 1),
-                ("Alertable", 1),
-                ("UserStackWalkActive", 1),
-                ("ApcInterruptRequest", 1),
-                ("QuantumEndMigrate", 1),
-                ("UmsDirectedSwitchEnable", 1),
-                ("TimerActive", 1),
-                ("SystemThread", 1),
-                ("ProcessDetachActive", 1),
-                ("CalloutActive", 1),
-            ),
+            _flags(ULONG, ("AutoBoostActive", 1), ("ReadyTransition", 1), ("WaitNext", 1),
+                   ("SystemAffinityActive", 1), ("Alertable", 1), ("UserStackWalkActive", 1),
+                   ("ApcInterruptRequest", 1), ("QuantumEndMigrate", 1),
+                   ("UmsDirectedSwitchEnable", 1), ("TimerActive", 1), ("SystemThread", 1),
+                   ("ProcessDetachActive", 1), ("CalloutActive", 1)),
             ("MiscFlags", "long"),
         ),
         Overlay(
             # 19041's ThreadFlags bits up to KernelStackResident (bit 17; bit 16 in 14393):
             # 0 when the memory manager has swapped the thread's kernel stack out.
-            _flags(
-                ULONG,
-                ("ThreadFlagsSpare", 2),
-                ("AutoAlignment", 1),
-                ("DisableBoost", 1),
-                ("AlertedByThreadId", 1),
-                ("QuantumDonation", 1),
-                ("EnableStackSwap", 1),
-                ("GuiThread", 1),
-                ("DisableQuantum", 1),
-                ("ChargeOnlySchedulingGroup", 1),
-                ("DeferPreemption", 1),
-                ("QueueDeferPreemption", 1),
-                ("ForceDeferSchedule", 1),
-                ("SharedReadyQueueAffinity", 1),
-                ("FreezeCount", 1),
-                ("TerminationApcRequest", 1),
-                ("AutoBoostEntriesExhausted", 1),
-                ("KernelStackResident", 1),
-            ),
+            _flags(ULONG, ("ThreadFlagsSpare", 2), ("AutoAlignment", 1), ("DisableBoost", 1),
+                   ("AlertedByThreadId", 1), ("QuantumDonation", 1), ("EnableStackSwap", 1),
+                   ("GuiThread", 1), ("DisableQuantum", 1), ("ChargeOnlySchedulingGroup", 1),
+                   ("DeferPreemption", 1), ("QueueDeferPreemption", 1),
+                   ("ForceDeferSchedule", 1), ("SharedReadyQueueAffinity", 1),
+                   ("FreezeCount", 1), ("TerminationApcRequest", 1),
+                   ("AutoBoostEntriesExhausted", 1), ("KernelStackResident", 1)),
             ("ThreadFlags", "long"),
         ),
         ("SystemCallNumber", ULONG),
@@ -474,46 +388,22 @@ TYPES: dict[str, TypeDecl] = {
     # last-branch fields Windows keeps between Rbp and ErrorCode are not declared; the padding
     # keeps the CPU-pushed part (ErrorCode, Rip, SegCs, EFlags, Rsp, SegSs) at the top.
     "_KTRAP_FRAME": S(
-        ("P1Home", ULL),
-        ("P2Home", ULL),
-        ("P3Home", ULL),
-        ("P4Home", ULL),
-        ("P5", ULL),
+        ("P1Home", ULL), ("P2Home", ULL), ("P3Home", ULL), ("P4Home", ULL), ("P5", ULL),
         ("PreviousMode", "char"),
         ("PreviousIrql", UCHAR),
         ("FaultIndicator", UCHAR),
         ("ExceptionActive", UCHAR),
         ("MxCsr", ULONG),
-        ("Rax", ULL),
-        ("Rcx", ULL),
-        ("Rdx", ULL),
-        ("R8", ULL),
-        ("R9", ULL),
-        ("R10", ULL),
+        ("Rax", ULL), ("Rcx", ULL), ("Rdx", ULL), ("R8", ULL), ("R9", ULL), ("R10", ULL),
         ("R11", ULL),
         ("GsBase", ULL),
-        ("Xmm0", "_M128A"),
-        ("Xmm1", "_M128A"),
-        ("Xmm2", "_M128A"),
-        ("Xmm3", "_M128A"),
-        ("Xmm4", "_M128A"),
-        ("Xmm5", "_M128A"),
+        ("Xmm0", "_M128A"), ("Xmm1", "_M128A"), ("Xmm2", "_M128A"), ("Xmm3", "_M128A"),
+        ("Xmm4", "_M128A"), ("Xmm5", "_M128A"),
         ("FaultAddress", ULL),
-        ("Dr0", ULL),
-        ("Dr1", ULL),
-        ("Dr2", ULL),
-        ("Dr3", ULL),
-        ("Dr6", ULL),
-        ("Dr7", ULL),
-        ("SegDs", USHORT),
-        ("SegEs", USHORT),
-        ("SegFs", USHORT),
-        ("SegGs", USHORT),
+        ("Dr0", ULL), ("Dr1", ULL), ("Dr2", ULL), ("Dr3", ULL), ("Dr6", ULL), ("Dr7", ULL),
+        ("SegDs", USHORT), ("SegEs", USHORT), ("SegFs", USHORT), ("SegGs", USHORT),
         ("TrapFrame", ULL),
-        ("Rbx", ULL),
-        ("Rdi", ULL),
-        ("Rsi", ULL),
-        ("Rbp", ULL),
+        ("Rbx", ULL), ("Rdi", ULL), ("Rsi", ULL), ("Rbp", ULL),
         PadTo(0x160, "debug-control and last-branch records, not declared"),
         ("ErrorCode", ULL),
         ("Rip", ULL),
@@ -531,43 +421,26 @@ TYPES: dict[str, TypeDecl] = {
     # KiCallUserMode's KCALLOUT_FRAME is a _KEXCEPTION_FRAME; TrapFrame, OutputBuffer and
     # OutputLength are plain ULONG64 in Windows' own tables.
     "_KEXCEPTION_FRAME": S(
-        ("P1Home", ULL),
-        ("P2Home", ULL),
-        ("P3Home", ULL),
-        ("P4Home", ULL),
-        ("P5", ULL),
-        ("Xmm6", "_M128A"),
-        ("Xmm7", "_M128A"),
-        ("Xmm8", "_M128A"),
-        ("Xmm9", "_M128A"),
-        ("Xmm10", "_M128A"),
-        ("Xmm11", "_M128A"),
-        ("Xmm12", "_M128A"),
-        ("Xmm13", "_M128A"),
-        ("Xmm14", "_M128A"),
-        ("Xmm15", "_M128A"),
+        ("P1Home", ULL), ("P2Home", ULL), ("P3Home", ULL), ("P4Home", ULL), ("P5", ULL),
+        ("Xmm6", "_M128A"), ("Xmm7", "_M128A"), ("Xmm8", "_M128A"), ("Xmm9", "_M128A"),
+        ("Xmm10", "_M128A"), ("Xmm11", "_M128A"), ("Xmm12", "_M128A"), ("Xmm13", "_M128A"),
+        ("Xmm14", "_M128A"), ("Xmm15", "_M128A"),
         ("TrapFrame", ULL),
         ("OutputBuffer", ULL),
         ("OutputLength", ULL),
         ("MxCsr", ULL),
-        ("Rbp", ULL),
-        ("Rbx", ULL),
-        ("Rdi", ULL),
-        ("Rsi", ULL),
-        ("R12", ULL),
-        ("R13", ULL),
-        ("R14", ULL),
-        ("R15", ULL),
+        ("Rbp", ULL), ("Rbx", ULL), ("Rdi", ULL), ("Rsi", ULL),
+        ("R12", ULL), ("R13", ULL), ("R14", ULL), ("R15", ULL),
         ("Return", ULL),
     ),
     "_KERNEL_STACK_SEGMENT": S(
-        ("StackBase", ULL), ("StackLimit", ULL), ("KernelStack", ULL), ("InitialStack", ULL)
-    ),
+        ("StackBase", ULL), ("StackLimit", ULL), ("KernelStack", ULL), ("InitialStack", ULL)),
     "_KSTACK_CONTROL": S(
         ("StackBase", ULL),
         Overlay(("ActualLimit", ULL), ("StackExpansion", bits(1, ULL))),
         ("Previous", "_KERNEL_STACK_SEGMENT"),
     ),
+
     # User-mode process structures ------------------------------------------------------------
     "_NT_TIB": S(
         ("ExceptionList", PVOID),
@@ -717,6 +590,7 @@ TYPES: dict[str, TypeDecl] = {
         ("EnvironmentSize", ULL),
         ("EnvironmentVersion", ULL),
     ),
+
     # Kernel modules --------------------------------------------------------------------------
     "_KLDR_DATA_TABLE_ENTRY": S(
         ("InLoadOrderLinks", "_LIST_ENTRY"),
@@ -736,41 +610,19 @@ TYPES: dict[str, TypeDecl] = {
         ("TimeDateStamp", ULONG),
     ),
     "_IMAGE_DOS_HEADER": S(
-        ("e_magic", USHORT),
-        ("e_cblp", USHORT),
-        ("e_cp", USHORT),
-        ("e_crlc", USHORT),
-        ("e_cparhdr", USHORT),
-        ("e_minalloc", USHORT),
-        ("e_maxalloc", USHORT),
-        ("e_ss", USHORT),
-        ("e_sp", USHORT),
-        ("e_csum", USHORT),
-        ("e_ip", USHORT),
-        ("e_cs", USHORT),
-        ("e_lfarlc", USHORT),
-        ("e_ovno", USHORT),
-        ("e_res", "array:4:unsigned short"),
-        ("e_oemid", USHORT),
-        ("e_oeminfo", USHORT),
-        ("e_res2", "array:10:unsigned short"),
-        ("e_lfanew", "long"),
+        ("e_magic", USHORT), ("e_cblp", USHORT), ("e_cp", USHORT), ("e_crlc", USHORT),
+        ("e_cparhdr", USHORT), ("e_minalloc", USHORT), ("e_maxalloc", USHORT),
+        ("e_ss", USHORT), ("e_sp", USHORT), ("e_csum", USHORT), ("e_ip", USHORT),
+        ("e_cs", USHORT), ("e_lfarlc", USHORT), ("e_ovno", USHORT),
+        ("e_res", "array:4:unsigned short"), ("e_oemid", USHORT), ("e_oeminfo", USHORT),
+        ("e_res2", "array:10:unsigned short"), ("e_lfanew", "long"),
     ),
+
     # Virtual address descriptors and mapped files --------------------------------------------
-    "_MMVAD_FLAGS": S(
-        *_flags(
-            ULONG,
-            ("Lock", 1),
-            ("LockContended", 1),
-            ("DeleteInProgress", 1),
-            ("NoChange", 1),
-            ("VadType", 3),
-            ("Protection", 5),
-            ("PreferredNode", 6),
-            ("PageSize", 2),
-            ("PrivateMemory", 1),
-        )
-    ),
+    "_MMVAD_FLAGS": S(*_flags(
+        ULONG, ("Lock", 1), ("LockContended", 1), ("DeleteInProgress", 1), ("NoChange", 1),
+        ("VadType", 3), ("Protection", 5), ("PreferredNode", 6), ("PageSize", 2),
+        ("PrivateMemory", 1))),
     "_MMVAD_FLAGS1": S(*_flags(ULONG, ("CommitCharge", 31), ("MemCommit", 1))),
     "__anonymous__MMVAD_SHORT_u": U(("LongFlags", ULONG), ("VadFlags", "_MMVAD_FLAGS")),
     "__anonymous__MMVAD_SHORT_u1": U(("LongFlags1", ULONG), ("VadFlags1", "_MMVAD_FLAGS1")),
@@ -852,6 +704,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Lock", "_KEVENT"),
         ("Event", "_KEVENT"),
     ),
+
     # Object manager and pool -----------------------------------------------------------------
     "_OBJECT_HEADER": S(
         ("PointerCount", LL),
@@ -874,9 +727,8 @@ TYPES: dict[str, TypeDecl] = {
     ),
     "_POOL_HEADER": S(
         Overlay(
-            _flags(
-                USHORT, ("PreviousSize", 8), ("PoolIndex", 8), ("BlockSize", 8), ("PoolType", 8)
-            ),
+            _flags(USHORT, ("PreviousSize", 8), ("PoolIndex", 8), ("BlockSize", 8),
+                   ("PoolType", 8)),
             ("Ulong1", ULONG),
         ),
         ("PoolTag", ULONG),
@@ -955,8 +807,7 @@ TYPES: dict[str, TypeDecl] = {
         ("ArrayHead", PVOID),
     ),
     "__anonymous__VACB_Overlay": U(
-        ("FileOffset", "_LARGE_INTEGER"), ("ActiveCount", USHORT), ("Links", "_LIST_ENTRY")
-    ),
+        ("FileOffset", "_LARGE_INTEGER"), ("ActiveCount", USHORT), ("Links", "_LIST_ENTRY")),
     "_SHARED_CACHE_MAP": S(
         ("NodeTypeCode", "short"),
         ("NodeByteSize", "short"),
@@ -970,6 +821,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Vacbs", "pointer:pointer:_VACB"),
         ("FileObjectFastRef", "_EX_FAST_REF"),
     ),
+
     # Registry (only so that Volatility's class overrides find their types) -------------------
     "_HHIVE": S(("Signature", ULONG)),
     "_CMHIVE": S(
@@ -1006,6 +858,7 @@ TYPES: dict[str, TypeDecl] = {
         ("Name", "array:1:wchar"),
     ),
     "_HMAP_ENTRY": S(("BlockOffset", ULL), ("PermanentBinAddress", ULL), ("MemAlloc", ULONG)),
+
     # System information ----------------------------------------------------------------------
     # Volatility reads NtMajorVersion at the fixed offset 0x26C while looking for the page
     # tables, and the image builder writes NtBuildNumber at 0x260: the padding keeps the
