@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from imagebuilder.expectation import ImageFacts
 from imagebuilder.isf import SymbolTable
 from imagebuilder.kernel_layout import KERNEL_BASE, Kernel
 from imagebuilder.memory import PhysicalMemory
+from imagebuilder.pdb_isf import write_module_isfs
 from imagebuilder.process_build import (
     STATE_WAITING,
     BuiltProcess,
@@ -23,6 +25,7 @@ from imagebuilder.process_build import (
     build_user_process,
 )
 from imagebuilder.process_layout import FILETIME_2024, ModuleMapper
+from imagebuilder.process_symbols import ProcessSymbols
 from imagebuilder.regions import GLOBAL, PROCESS_LIST, RegionMap
 from imagebuilder.scenario import Scenario
 from imagebuilder.thread_layout import lay_out_kernel_thread
@@ -49,6 +52,8 @@ class BuiltImage:
     kernel: Kernel
     truth: dict[str, Any]
     regions: RegionMap | None = None
+    # The modules whose PDB symbol tables (ISF) the scenario asks for.
+    pdb_modules: list[ModuleImage] = field(default_factory=list)
 
     def write(
         self, out_dir: Path, stem: str | None = None, formats: tuple[str, ...] = ("raw",)
@@ -64,6 +69,11 @@ class BuiltImage:
             write_crash_dump(paths["dmp"], self)
         paths["truth"] = out_dir / f"{stem}.truth.json"
         paths["truth"].write_text(json.dumps(self.truth, indent=1, sort_keys=True) + "\n")
+        # A directory for `vol -s`, next to the image (always made, maybe empty); rewritten
+        # whole so that no table of an earlier build of the same stem stays behind.
+        paths["pdb_symbols"] = out_dir / f"{stem}.pdb-symbols"
+        shutil.rmtree(paths["pdb_symbols"], ignore_errors=True)
+        write_module_isfs(paths["pdb_symbols"], self.pdb_modules)
         return paths
 
 
@@ -114,6 +124,7 @@ class ImageBuilder:
             exe=self.exe,
             module=self.module,
             seed=scenario.seed,
+            pdb_modules=frozenset(scenario.pdb_symbols),
             table_size=scenario.callback_table_size,
         )
         self._modules: dict[str, ModuleImage] = {
@@ -183,7 +194,9 @@ class ImageBuilder:
             "damage": _damage_summary(scenario),
             "conditions": _conditions_summary(scenario),
         }
-        return BuiltImage(scenario, sym, self.memory, k, truth_doc, self.regions)
+        loaded = {**self._modules, **self._exes}
+        pdb_modules = [loaded[name] for name in scenario.pdb_symbols]
+        return BuiltImage(scenario, sym, self.memory, k, truth_doc, self.regions, pdb_modules)
 
     def _system_process(self) -> BuiltProcess:
         k, ctx = self.kernel, self.ctx
@@ -228,7 +241,7 @@ class ImageBuilder:
                     nesting=0,
                     rip=None,
                     rsp=None,
-                    modules=[],
+                    modules=ProcessSymbols(),
                     stub=(0, 0),
                     frames=[],
                     notes="no user-mode trap frame",

@@ -23,7 +23,7 @@ from imagebuilder.thread_layout import (
     StackFacts,
     StackPlan,
 )
-from imagebuilder.user_modules import ModuleImage
+from imagebuilder.user_modules import DISPATCH_HOOK_RVA, ModuleImage
 
 # Handler locals a stale frame (0x58 bytes, its input, its return slot and some slack) or a
 # forged Rsp's target needs.
@@ -44,7 +44,7 @@ FORGED_RIP_DELTA = 0x20
 STALE_APIS = (2, 3, 5, 9, 17)  # ApiNumbers of stale frames: common user32 callbacks
 # Where the hook code goes in its module (inside the .text of a plain module), and the
 # x64 `jmp qword ptr [rip+0]` followed by the absolute target.
-HOOK_CODE_RVA = 0x2100
+HOOK_CODE_RVA = DISPATCH_HOOK_RVA
 _JMP_ABS = b"\xff\x25\x00\x00\x00\x00"
 
 

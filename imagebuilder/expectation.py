@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagebuilder import truth
-from imagebuilder.user_modules import ModuleImage
+from imagebuilder.process_symbols import ProcessSymbols
 
 # docs/output-contract.md, "Notes": the order of "unreadable: X" and "invalid: X" items.
 UNREADABLE_ORDER = (
@@ -163,7 +163,7 @@ def _is_ucallout_frame(user: UserFrame, bounds: tuple[int, int] | None) -> bool:
 
 
 def _frame_cells(
-    user: UserFrame, modules: list[ModuleImage], handler: HandlerLookup, facts: _Facts
+    user: UserFrame, modules: ProcessSymbols, handler: HandlerLookup, facts: _Facts
 ) -> tuple[dict[str, Any], list[str]]:
     """The user-side cells of a decoded frame and the level's handler notes."""
     value, unreadable, invalid = handler(user.api)
@@ -181,10 +181,17 @@ def _frame_cells(
         "api_number": user.api,
         "handler": value,
         "handler_symbol": truth.symbolize(value, modules),
+        **callback_cells(modules, user.api),
         "buffer": user.buffer,
         "length": user.length,
     }
     return cells, notes
+
+
+def callback_cells(modules: ProcessSymbols, api: int | None) -> dict[str, Any]:
+    """Contract "Callback": the original table entry's PDB name (null when the frame was not
+    read)."""
+    return {"callback": modules.callback(api)}
 
 
 def _kernel_level(
@@ -192,7 +199,7 @@ def _kernel_level(
     lv: KernelLevel,
     bounds: tuple[int, int] | None,
     image: ImageFacts,
-    modules: list[ModuleImage],
+    modules: ProcessSymbols,
     handler: HandlerLookup,
     facts: _Facts,
 ) -> tuple[dict[str, Any], bool]:
@@ -224,6 +231,7 @@ def _kernel_level(
             "api_number": None,
             "handler": None,
             "handler_symbol": None,
+            **callback_cells(modules, None),
             "buffer": None,
             "length": None,
         }
@@ -286,7 +294,7 @@ def _scan_meets_unreadable_page(exp: ThreadExpectation, start: int, base: int) -
 def thread_record(
     exp: ThreadExpectation,
     image: ImageFacts,
-    modules: list[ModuleImage],
+    modules: ProcessSymbols,
     handler: HandlerLookup,
 ) -> dict[str, Any]:
     """The truth record of a user thread (docs/output-contract.md)."""

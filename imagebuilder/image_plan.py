@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from imagebuilder.codeview import DEBUG_DIRECTORY_SIZE, debug_directory_entry, rsds_record
+from imagebuilder.function_table import FunctionTable, resolve_primaries
 from imagebuilder.pe_image import (
     PAGE,
     PeImage,
@@ -18,7 +20,7 @@ from imagebuilder.pe_image import (
     new_image,
     page_up,
 )
-from imagebuilder.unwind_info import frame_unwind
+from imagebuilder.unwind_info import UnwindCode, chained_unwind, frame_unwind
 from imagebuilder.x64_code import (
     INT3,
     Code,
@@ -32,6 +34,7 @@ from imagebuilder.x64_code import (
 IMAGE_DIRECTORY_ENTRY_IMPORT = 1
 IMAGE_DIRECTORY_ENTRY_RESOURCE = 2
 IMAGE_DIRECTORY_ENTRY_BASERELOC = 5
+IMAGE_DIRECTORY_ENTRY_DEBUG = 6
 IMAGE_DIRECTORY_ENTRY_IAT = 12
 IMAGE_REL_BASED_DIR64 = 10
 RUNTIME_FUNCTION_SIZE = 12
@@ -57,6 +60,12 @@ class ImagePlan:
     # begin RVA, end RVA, label of the UNWIND_INFO
     _functions: list[tuple[int, int, str]] = field(default_factory=list)
     _unwind: dict[Code, str] = field(default_factory=dict)  # UNWIND_INFO -> its label
+    # begin RVA -> begin RVA of the parent entry, for entries with chained UNWIND_INFO
+    _parents: dict[int, int] = field(default_factory=dict)
+    # Data labels the module's PDB names beside its code (apfnDispatch, ...).
+    public_data: set[str] = field(default_factory=set)
+    # RSDS record: RVA, age, PDB path (GUID stamped when the image is mapped)
+    codeview_record: tuple[int, int, str] | None = None
     _export_rva: int = 0
     _pdata_rva: int = 0
 
@@ -99,10 +108,37 @@ class ImagePlan:
             self.runtime_function(rva, self.cursor, frame_unwind(routine.frame))
         return rva
 
-    def runtime_function(self, begin: int, end: int, unwind: Code) -> None:
-        """A RUNTIME_FUNCTION for [begin, end); identical UNWIND_INFO records are shared."""
+    def runtime_function(
+        self, begin: int, end: int, unwind: Code, parent: int | None = None
+    ) -> str:
+        """A RUNTIME_FUNCTION for [begin, end); identical UNWIND_INFO records are shared.
+        ``parent``: begin RVA of the entry a chained UNWIND_INFO names.  Returns the label of
+        the UNWIND_INFO."""
         label = self._unwind.setdefault(unwind, f"unwind#{len(self._unwind)}")
         self._functions.append((begin, end, label))
+        if parent is not None:
+            self._parents[begin] = parent
+        return label
+
+    def chained_part(
+        self,
+        label: str,
+        code: Code,
+        parent: str,
+        prologue: int = 0,
+        codes: tuple[UnwindCode, ...] = (),
+        alignment: int = 1,
+    ) -> int:
+        """Another piece of routine ``parent`` (right after it, or placed elsewhere as a cold
+        fragment) with a RUNTIME_FUNCTION of its own whose UNWIND_INFO chains to the parent's
+        entry (UNW_FLAG_CHAININFO)."""
+        begin = self.labels[parent]
+        _b, end, unwind = next(f for f in self._functions if f[0] == begin)
+        self.labels.setdefault(f"{parent}#end", end)
+        rva = self.place(code, label, alignment)
+        info = chained_unwind(prologue, list(codes), (parent, f"{parent}#end", unwind))
+        self.runtime_function(rva, self.cursor, info, parent=begin)
+        return rva
 
     def reserve(self, size: int, label: str, alignment: int = 1) -> int:
         return self.place((b"\0" * size,), label, alignment)
@@ -119,6 +155,37 @@ class ImagePlan:
         self._export_rva = self.reserve(size, "export directory", PAGE)
         self.align(PAGE)
         return self._export_rva
+
+    def debug_directory(self, pdb_path: str, age: int = 1) -> int:
+        """The debug directory (one CodeView entry) and its RSDS record on a page of their own
+        in the current section, as a linker puts them in .rdata; a page of its own so that a
+        scenario can page it out in one process without touching anything else."""
+        self.align(PAGE)
+        directory = self.cursor
+        record = rsds_record("0" * 32, age, pdb_path)
+        self.place((debug_directory_entry(directory + DEBUG_DIRECTORY_SIZE, len(record)),))
+        self.place((record,), "debug data")
+        self.directories[IMAGE_DIRECTORY_ENTRY_DEBUG] = (directory, DEBUG_DIRECTORY_SIZE)
+        self.codeview_record = (directory + DEBUG_DIRECTORY_SIZE, age, pdb_path)
+        self.align(PAGE)
+        return directory
+
+    def function_table(self) -> FunctionTable:
+        return resolve_primaries([(b, e, self._parents.get(b)) for b, e, _u in self._functions])
+
+    def public_symbols(self) -> dict[str, int]:
+        """Name -> RVA of what the module's PDB names: every label in a code section (labels
+        with '#' or a space are the builder's own bookkeeping: unwind records, separated
+        fragments), every export name, and the public data labels."""
+        code = [(start, kind == "code") for _name, start, kind in self.sections]
+        symbols = {}
+        for label, rva in self.labels.items():
+            in_code = [is_code for start, is_code in code if start <= rva][-1]
+            if (in_code and "#" not in label and " " not in label) or label in self.public_data:
+                symbols[label] = rva
+        for name, label in self.exports.items():
+            symbols[name] = self.labels[label]
+        return symbols
 
     def exception_directory(self) -> int:
         self._pdata_rva = self.reserve(RUNTIME_FUNCTION_SIZE * len(self._functions), "pdata", 4)

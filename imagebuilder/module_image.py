@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from imagebuilder.pe_image import PeImage, set_image_base
+from imagebuilder.codeview import CodeView, stamp_guid
+from imagebuilder.function_table import FunctionTable
+from imagebuilder.pe_image import PAGE, PeImage, set_image_base
 
 
 @dataclass
@@ -29,6 +31,12 @@ class ModuleImage:
     # user32: callback handler RVA -> RVA just after its `call [__imp_NtCallbackReturn]`, the
     # return address on the stack of a thread resting in NtCallbackReturn called from there.
     handler_returns: dict[int, int] = field(default_factory=dict)
+    # Every RUNTIME_FUNCTION with the primary entry it chains to.
+    functions: FunctionTable = field(default_factory=FunctionTable)
+    # What the module's PDB names (name -> RVA): functions, exports, public data.
+    pdb_symbols: dict[str, int] = field(default_factory=dict)
+    codeview: CodeView | None = None
+    debug_page: int = 0  # RVA of the page holding the debug directory and RSDS record
 
     @property
     def size(self) -> int:
@@ -63,16 +71,38 @@ class ModuleImage:
         return (rvas[index], names[index]) if index >= 0 else None
 
 
-def mapped(img: PeImage, path: str, base: int, **facts: Any) -> ModuleImage:
-    """The built image as it is mapped at ``base``, with its export facts."""
+def mapped(
+    img: PeImage,
+    path: str,
+    base: int,
+    codeview_record: tuple[int, int, str] | None = None,
+    **facts: Any,
+) -> ModuleImage:
+    """The built image as it is mapped at ``base``, with its export facts; its RSDS record
+    (RVA, age, PDB path), when it has one, gets the GUID of the finished bytes."""
+    data = set_image_base(bytes(img), base)
+    if codeview_record is not None:
+        rva, age, pdb_path = codeview_record
+        data, guid = stamp_guid(data, rva)
+        facts.update(codeview=CodeView(guid, age, pdb_path), debug_page=rva & ~(PAGE - 1))
     return ModuleImage(
         img.name,
         path,
         base,
-        set_image_base(bytes(img), base),
+        data,
         img.exports,
         export_dir=(img.export_rva, img.export_size),
         export_layout=img.export_layout,
         pdata=(img.pdata_rva, 12 * len(img.pdata)) if img.pdata else (0, 0),
         **facts,
     )
+
+
+def plan_facts(plan: Any) -> dict[str, Any]:
+    """What an ImagePlan knows beyond the bytes, for ``mapped``: functions, PDB names, the
+    RSDS record."""
+    return {
+        "functions": plan.function_table(),
+        "pdb_symbols": plan.public_symbols(),
+        "codeview_record": plan.codeview_record,
+    }

@@ -17,7 +17,8 @@ import random
 
 from imagebuilder import export_names
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_RESOURCE, ImagePlan
-from imagebuilder.module_image import ModuleImage, mapped
+from imagebuilder.module_image import ModuleImage, mapped, plan_facts
+from imagebuilder.pdb_names import SPLIT_NTDLL_ROUTINE
 from imagebuilder.unwind_info import (
     LEAF_STUB_UNWIND,
     UNW_FLAG_EHANDLER,
@@ -41,6 +42,7 @@ from imagebuilder.x64_code import (
     dispatcher_code,
     language_handler,
     ordinary_routine,
+    split_routine,
     syscall_stub,
 )
 
@@ -97,8 +99,13 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     callees = _COMMON_CALLEES
 
     plan.section(".text", "code")
+    cold = f"{SPLIT_NTDLL_ROUTINE}#cold"
+    split = split_routine(rng, cold)
     for name in filler[:half]:
-        plan.routine(name, ordinary_routine(rng, callees))
+        if name == SPLIT_NTDLL_ROUTINE:
+            plan.routine(name, Routine(split.hot, split.frame))
+        else:
+            plan.routine(name, ordinary_routine(rng, callees))
     # The system-call stubs, one after the other in number order.
     plan.align(STUB_SIZE)
     for number, name in enumerate(syscalls):
@@ -116,6 +123,9 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     plan.routine(_HANDLER, Routine(language_handler(), None))
     for name in filler[half:]:
         plan.routine(name, ordinary_routine(rng, callees))
+    # The split routine's cold fragment, far from its hot part, as the compiler separates
+    # rarely run code: a RUNTIME_FUNCTION of its own, chained to the hot part's.
+    plan.chained_part(cold, split.cold, SPLIT_NTDLL_ROUTINE, alignment=16)
 
     plan.section(".rdata", "rdata")
     plan.unwind_infos()
@@ -128,6 +138,7 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     if decoy:
         plan.exports[DECOY_EXPORT] = "NtCallbackReturn"
     plan.export_directory()
+    plan.debug_directory("ntdll.pdb")
     plan.section(".data", "data")
     plan.reserve(0x200, "data")
     plan.section(".pdata", "rdata")
@@ -135,6 +146,7 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     plan.section(".mrdata", "data")
     plan.place((Abs64(_CHECK),), _CHECK_SLOT, 8)  # __guard_check_icall_fptr -> the check
     plan.reserve(8, _BITMAP_SLOT)  # the loader stores the CFG bitmap's address here
+    plan.public_data.update((_CHECK_SLOT, _BITMAP_SLOT))
     _resource_and_relocations(plan)
     img = plan.link()
     notable = {*NTDLL_SYSCALLS, "ZwCallbackReturn", DECOY_EXPORT, *export_names.NTDLL_ROUTINES}
@@ -150,8 +162,10 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
             # [Rsp] of a thread resting in NtCallbackReturn called by the dispatcher.
             "dispatcher_callback_return": dispatcher + DISPATCHER_AFTER_RETURN,
             "cfg_thunk": thunk,
+            "split_cold": plan.labels[cold],
         },
         notable=frozenset(n for n in notable if n in img.exports),
+        **plan_facts(plan),
     )
 
 

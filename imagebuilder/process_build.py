@@ -38,6 +38,7 @@ from imagebuilder.process_layout import (
     write_loader_data,
     write_vad_tree,
 )
+from imagebuilder.process_symbols import ModuleSymbols, ProcessSymbols
 from imagebuilder.regions import RegionMap
 from imagebuilder.scenario import Process, Thread
 from imagebuilder.table_layout import override_entries, place_table, target_address
@@ -69,6 +70,8 @@ class ImageContext:
     seed: int = 0
     sequence: int = 0
     spaces: list = field(default_factory=list)
+    # Modules the scenario has the builder write a PDB symbol table (ISF) for.
+    pdb_modules: frozenset[str] = frozenset()
     table_size: int = 128  # entries of the owners' callback tables (scenario)
 
 
@@ -106,6 +109,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         start, size = ctx.ntdll.export_dir
         for page in range(start & ~0xFFF, start + size, 0x1000):
             space.page_out(ctx.ntdll.base + page)
+    _page_out_codeview(proc, layout)
     # Loader heap, PEB + TEBs, stacks: private memory.
     layout.vads.append(Vad(HEAP_ADDRESS, HEAP_ADDRESS + HEAP_SIZE - 1))
     teb_region = PEB_ADDRESS + 0x1000 + TEB_STRIDE * len(proc.threads)
@@ -150,7 +154,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     read = space_reader(space)
     check = TableCheck(64, layout.callback_table, owner, all_modules, layout.vads, read)
     layout.thread_note = instrumentation_note(check, instrumentation)
-    symbol_modules = [ctx.ntdll_view if m is ctx.ntdll else m for m in all_modules]
+    symbol_modules = process_symbols(ctx, space, all_modules)
     handler = damage.handler_lookup(space, layout.callback_table)
     ethreads: dict[int, int] = {}
     records, thread_inventory = [], []
@@ -239,6 +243,38 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     )
 
 
+def process_symbols(ctx: ImageContext, space, modules: list[ModuleImage]) -> ProcessSymbols:
+    """How this process's modules are named (contract "Symbols"): PDB names when the scenario
+    writes the module's ISF and this process can read its CodeView record (header and debug
+    directory page), else the exports the plugin can use; .pdata only when readable here."""
+
+    def readable(address: int, size: int) -> bool:
+        return all(space.is_mapped(p) for p in range(address & ~0xFFF, address + size, 0x1000))
+
+    entries = []
+    for module in modules:
+        pdb = (
+            module.name in ctx.pdb_modules
+            and module.codeview is not None
+            and readable(module.base, 0x1000)
+            and readable(module.base + module.debug_page, 0x1000)
+        )
+        if pdb:
+            names = module.pdb_symbols
+        else:
+            names = (ctx.ntdll_view if module is ctx.ntdll else module).exports
+        pdata_rva, pdata_size = module.pdata
+        functions = module.functions
+        if pdata_size and not readable(module.base + pdata_rva, pdata_size):
+            functions = None  # contract: unreadable .pdata makes every routine a leaf
+        entries.append(ModuleSymbols(module, names, functions, pdb))
+
+    def read(address: int, size: int) -> bytes | None:
+        return space.read(address, size) if readable(address, size) else None
+
+    return ProcessSymbols(tuple(entries), read)
+
+
 def _kcbtable_rows(
     proc: Process,
     layout: ProcessLayout,
@@ -304,6 +340,17 @@ def _record_process_memory(
     if layout.callback_table and space.is_mapped(layout.callback_table):
         entries = len(check.checked_entries()) + 1  # and the entry that ends them
         regions.add_virtual(owner, space, layout.callback_table, 8 * entries)
+
+
+def _page_out_codeview(proc: Process, layout: ProcessLayout) -> None:
+    """``page_out`` "ntdll_codeview"/"user32_codeview": the page holding the module's debug
+    directory and RSDS record is in the page file in this process, so the process cannot tell
+    which PDB the module needs (contract: named by its exports)."""
+    for item in proc.page_out:
+        if item.endswith("_codeview"):
+            module = layout.module_named(item.split("_", 1)[0] + ".dll")
+            assert module is not None and module.codeview is not None
+            layout.space.page_out(module.base + module.debug_page)
 
 
 def _syscall_rip(ctx: ImageContext, name: str) -> int:

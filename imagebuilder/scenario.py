@@ -47,7 +47,8 @@ KNOWN_MODULES = (
 )
 MAX_CALLBACK_NESTING = 31  # KeUserModeCallback fails beyond 31 with STATUS_STACK_OVERFLOW
 THREAD_KINDS = ("user", "system", "terminated")
-PAGE_OUT_TARGETS = ("ntdll_exports",)
+PAGE_OUT_TARGETS = ("ntdll_exports", "ntdll_codeview", "user32_codeview")
+CHAINED_PART = "chained"
 
 
 class ScenarioError(ValueError):
@@ -61,6 +62,19 @@ class Callback:
     api: int
     syscall: str  # the win32u/ntdll system call this callback interrupted
     length: int
+
+
+@dataclass(frozen=True)
+class CodeTarget:
+    """A hijacked KernelCallbackTable entry that points into a module's own code:
+    ``function`` (a name the module's PDB or exports give it) + ``offset``, counted from the
+    start of the function's chained secondary part when ``part`` is "chained"."""
+
+    module: str
+    function: str
+    offset: int = 0
+    part: str | None = None
+    where: str = ""  # the field path, for errors only the built module can detect
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,9 @@ class Process:
     modules: tuple[str, ...]
     threads: tuple[Thread, ...]
     wow64: bool = False
-    # ApiNumber -> module name, "private" or "private_rwx" (memory no module maps)
-    callback_overrides: dict[int, str] = field(default_factory=dict)
+    # ApiNumber -> module name, "private" or "private_rwx" (memory no module maps), or code
+    # in a module (a CodeTarget)
+    callback_overrides: dict[int, str | CodeTarget] = field(default_factory=dict)
     page_out: tuple[str, ...] = ()
     damage: ProcessDamage = ProcessDamage()
     conditions: tuple[ProcessCondition, ...] = ()
@@ -100,6 +115,8 @@ class Scenario:
     ntdll_zw_alias: bool = True  # ntdll exports ZwCallbackReturn beside NtCallbackReturn
     callback_table_size: int = 128
     damage: ScenarioDamage = ScenarioDamage()
+    # Modules the builder writes a PDB symbol table (ISF) for, beside the image.
+    pdb_symbols: tuple[str, ...] = ()
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -132,6 +149,7 @@ def _scenario(data: Any) -> Scenario:
             "ntdll_zw_alias",
             "callback_table_size",
             "damage",
+            "pdb_symbols",
         },
     )
     table_size = _int(obj.get("callback_table_size", 128), f"{where}.callback_table_size", 1, 4096)
@@ -147,6 +165,7 @@ def _scenario(data: Any) -> Scenario:
         system_threads=_int(obj.get("system_threads", 2), f"{where}.system_threads", 1, 64),
         ntdll_zw_alias=_bool(obj.get("ntdll_zw_alias", True), f"{where}.ntdll_zw_alias"),
         callback_table_size=table_size,
+        pdb_symbols=_pdb_symbols(obj.get("pdb_symbols", []), f"{where}.pdb_symbols", processes),
     )
     _check_unique(scenario)
     if "damage" in obj:
@@ -202,7 +221,7 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         raise ScenarioError(f"{where}.modules: a module is listed twice")
     wow64 = _bool(obj.get("wow64", False), f"{where}.wow64")
     check_wow64_modules(modules, wow64, where)
-    overrides: dict[int, str] = {}
+    overrides: dict[int, str | CodeTarget] = {}
     for key, value in _mapping(
         obj.get("callback_overrides", {}), f"{where}.callback_overrides"
     ).items():
@@ -212,6 +231,9 @@ def _process(data: Any, where: str, table_size: int) -> Process:
             0,
             table_size - 1,
         )
+        if isinstance(value, dict):
+            overrides[api] = _code_target(value, f"{where}.callback_overrides[{key}]", modules)
+            continue
         overrides[api] = target(
             _str(value, f"{where}.callback_overrides[{key}]"),
             f"{where}.callback_overrides[{key}]",
@@ -221,10 +243,15 @@ def _process(data: Any, where: str, table_size: int) -> Process:
         _str(p, f"{where}.page_out[{i}]")
         for i, p in enumerate(_list(obj.get("page_out", []), f"{where}.page_out"))
     )
-    for item in page_out:
+    for index, item in enumerate(page_out):
         if item not in PAGE_OUT_TARGETS:
             raise ScenarioError(
                 f"{where}.page_out: unknown target {item!r}; known: {', '.join(PAGE_OUT_TARGETS)}"
+            )
+        needed = item.split("_", 1)[0] + ".dll"
+        if needed not in modules:
+            raise ScenarioError(
+                f"{where}.page_out[{index}]: {item} needs {needed}, which the process lacks"
             )
     threads = tuple(
         _thread(t, f"{where}.threads[{i}]", modules, table_size)
@@ -310,6 +337,37 @@ def _callback(data: Any, where: str, table_size: int) -> Callback:
         syscall=_str(obj.get("syscall", "NtUserDispatchMessage"), f"{where}.syscall"),
         length=_int(obj.get("length", 0x30), f"{where}.length", 0, 0x800),
     )
+
+
+def _code_target(data: dict[str, Any], where: str, modules: tuple[str, ...]) -> CodeTarget:
+    _only(data, where, {"module", "function", "offset", "part"})
+    module = _str(data.get("module"), f"{where}.module")
+    if module not in modules:
+        raise ScenarioError(f"{where}.module: {module} is not one of the process's modules")
+    part = data.get("part")
+    if part is not None and part != CHAINED_PART:
+        raise ScenarioError(f"{where}.part: {part!r} is not {CHAINED_PART!r}")
+    return CodeTarget(
+        module=module,
+        function=_str(data.get("function"), f"{where}.function"),
+        offset=_int(data.get("offset", 0), f"{where}.offset", 0, 0xFFFF),
+        part=part,
+        where=where,
+    )
+
+
+def _pdb_symbols(data: Any, where: str, processes: tuple[Process, ...]) -> tuple[str, ...]:
+    """Modules (or process images) whose PDB symbol table the builder writes."""
+    loaded = {m for p in processes for m in p.modules} | {p.name for p in processes}
+    names: list[str] = []
+    for index, value in enumerate(_list(data, where)):
+        name = _str(value, f"{where}[{index}]")
+        if name not in loaded:
+            raise ScenarioError(f"{where}[{index}]: {name} is not a module of any process")
+        if name in names:
+            raise ScenarioError(f"{where}[{index}]: {name} is listed twice")
+        names.append(name)
+    return tuple(names)
 
 
 def _check_syscall(name: str, where: str, modules: tuple[str, ...]) -> None:

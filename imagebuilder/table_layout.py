@@ -13,11 +13,13 @@ from __future__ import annotations
 import struct
 
 from imagebuilder.callback_tables import pe_sections
+from imagebuilder.code_targets import code_target_address
 from imagebuilder.memory import PAGE, AddressSpace, PhysicalMemory
 from imagebuilder.module_image import ModuleImage
 from imagebuilder.pe_image import page_up
 from imagebuilder.private_memory import PrivateMemory
 from imagebuilder.process_layout import ProcessLayout
+from imagebuilder.scenario import CodeTarget
 
 
 def copy_on_write(space: AddressSpace, memory: PhysicalMemory, va: int, size: int) -> None:
@@ -32,9 +34,12 @@ def copy_on_write(space: AddressSpace, memory: PhysicalMemory, va: int, size: in
 
 
 def target_address(
-    layout: ProcessLayout, private: PrivateMemory, target: str, bits: int = 64
+    layout: ProcessLayout, private: PrivateMemory, target: str | CodeTarget, bits: int = 64
 ) -> int:
-    """A hijack target: code in a private region, or a module's code far from its exports."""
+    """A hijack target: code in a private region, or a module's code far from its exports, or
+    a named place in a module's code."""
+    if isinstance(target, CodeTarget):
+        return code_target_address(layout, target)
     if target in ("private", "private_rwx"):
         return private.alloc(target if bits == 64 else f"{target}32")
     module = layout.module_named(target)
@@ -79,7 +84,7 @@ def override_entries(
     layout: ProcessLayout,
     private: PrivateMemory,
     table: int,
-    overrides: dict[int, str],
+    overrides: dict[int, str | CodeTarget],
     bits: int = 64,
 ) -> None:
     """Rewrites the entries of the table at ``table`` (its pages are the process's own)."""

@@ -1,32 +1,22 @@
 """Ground truth: what windows.kcbwait must report, from what the builder laid out.
 
-Symbols follow docs/output-contract.md, computed from the builder's own module list (the
-addresses it chose), never by reading the image back.
+Symbols follow docs/output-contract.md ("Symbols"), computed by process_symbols.py from the
+builder's own records (names, RUNTIME_FUNCTIONs, what each process can read), never by reading
+the image back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from imagebuilder.process_symbols import ProcessSymbols
 from imagebuilder.user_modules import ModuleImage
 
-NEAR_EXPORT = 0x100  # contract: module!export+off only when off < 0x100
 STUB_CAP = 0x20  # contract: the callback-return stub spans at most 0x20 bytes
 
 
-def symbolize(address: int | None, modules: list[ModuleImage]) -> str | None:
-    if address is None:
-        return None
-    for module in modules:
-        if not module.contains(address):
-            continue
-        rva = address - module.base
-        best = module.nearest_export(rva)  # alphabetically first name at the nearest address
-        if best is not None and rva - best[0] < NEAR_EXPORT:
-            offset = rva - best[0]
-            return f"{module.name}!{best[1]}" + (f"+{offset:#x}" if offset else "")
-        return f"{module.name}+{rva:#x}"
-    return None
+def symbolize(address: int | None, modules: ProcessSymbols) -> str | None:
+    return modules.symbolize(address)
 
 
 def callback_return_range(ntdll: ModuleImage) -> tuple[int, int]:
@@ -58,7 +48,7 @@ def thread_record(
     nesting: int,
     rip: int | None,
     rsp: int | None,
-    modules: list[ModuleImage],
+    modules: ProcessSymbols,
     stub: tuple[int, int],
     frames: list[dict[str, Any]],
     notes: str,
@@ -97,7 +87,7 @@ def frame_record(
     handler: int,
     buffer: int,
     length: int,
-    modules: list[ModuleImage],
+    modules: ProcessSymbols,
 ) -> dict[str, Any]:
     return {
         "level": level,
@@ -108,6 +98,7 @@ def frame_record(
         "api_number": api,
         "handler": handler,
         "handler_symbol": symbolize(handler, modules),
+        "callback": modules.callback(api),
         "buffer": buffer,
         "length": length,
         "kernel_side": "agrees",

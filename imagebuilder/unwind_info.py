@@ -13,6 +13,8 @@ from imagebuilder.x64_code import Code, Rva32
 
 UNW_FLAG_EHANDLER = 0x1
 UNW_FLAG_UHANDLER = 0x2
+UNW_FLAG_CHAININFO = 0x4
+UWOP_PUSH_NONVOL = 0
 UWOP_ALLOC_SMALL = 2
 UWOP_PUSH_MACHFRAME = 10
 
@@ -23,6 +25,11 @@ def alloc_small(offset: int, size: int) -> UnwindCode:
     """UWOP_ALLOC_SMALL: 8..128 bytes, OpInfo = size / 8 - 1."""
     assert 8 <= size <= 0x80 and size % 8 == 0
     return (offset, UWOP_ALLOC_SMALL, size // 8 - 1)
+
+
+def push_nonvol(offset: int, register: int) -> UnwindCode:
+    """UWOP_PUSH_NONVOL: OpInfo is the register number (RBX = 3)."""
+    return (offset, UWOP_PUSH_NONVOL, register)
 
 
 def push_machframe(offset: int, error_code: bool = False) -> UnwindCode:
@@ -42,6 +49,17 @@ def unwind_info(
     if handler is None:
         return (bytes(record),)
     return (bytes(record), Rva32(handler), b"\0\0\0\0")  # handler RVA, empty handler data
+
+
+def chained_unwind(prologue: int, codes: list[UnwindCode], parent: tuple[str, str, str]) -> Code:
+    """A secondary UNWIND_INFO with UNW_FLAG_CHAININFO: its own codes (a secondary prologue,
+    or none for a separated fragment of the function), then the parent's RUNTIME_FUNCTION
+    (labels of its BeginAddress, EndAddress and UnwindData), which an unwinder follows to the
+    function's primary entry."""
+    head = unwind_info(prologue, codes)
+    flags = head[0][0] | (UNW_FLAG_CHAININFO << 3)
+    begin, end, unwind = parent
+    return (bytes([flags]) + head[0][1:], Rva32(begin), Rva32(end), Rva32(unwind))
 
 
 def frame_unwind(frame: int) -> Code:

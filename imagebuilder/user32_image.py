@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import random
 
-from imagebuilder import export_names
+from imagebuilder import export_names, pdb_names
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_RESOURCE, ImagePlan, import_directory
-from imagebuilder.module_image import ModuleImage, mapped
+from imagebuilder.module_image import ModuleImage, mapped, plan_facts
 from imagebuilder.pe_image import PAGE
-from imagebuilder.x64_code import Abs64, callback_handler, ordinary_routine
+from imagebuilder.unwind_info import push_nonvol
+from imagebuilder.x64_code import (
+    CHAINED_HANDLER_FRAME,
+    RBX,
+    Abs64,
+    Routine,
+    callback_handler,
+    chained_callback_handler,
+    ordinary_routine,
+)
 
 USER32_BASE = 0x7FFB_9F60_0000
 USER32_PATH = r"\Windows\System32\user32.dll"
@@ -62,9 +71,10 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
     rng = random.Random(0x5532)
     plan = ImagePlan("user32.dll", USER32_BASE)
     exported = export_names.user32_routines(export_names.USER32_NAMED_EXPORTS)
-    internal = [f"internal#{i}" for i in range(_INTERNAL_ROUTINES)]
+    # Labels are the names user32's PDB gives these routines (pdb_names.py).
+    internal = pdb_names.user32_internal_names(_INTERNAL_ROUTINES)
     routine_of = handler_routines(table_size, rng)
-    handlers = [f"handler#{i}" for i in range(max(routine_of) + 1)]
+    handlers = pdb_names.callback_names(routine_of)
     # Everything but the handler block in a fixed shuffled order; the block goes in the middle.
     others = exported + internal[: _INTERNAL_ROUTINES // 2]
     rng.shuffle(others)
@@ -81,6 +91,9 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
     for label in order:
         if helpers and rng.random() < 0.4:
             plan.routine(helpers.pop(), ordinary_routine(rng, callees))
+        if label == pdb_names.CHAINED_HANDLER:
+            after_return[label] = _chained_handler(plan, label, slot)
+            continue
         handler = callback_handler(rng, slot, callees)
         rva = plan.routine(label, handler.routine)
         if handler.after_return_call is not None:
@@ -100,10 +113,12 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
     table = plan.place(
         tuple(Abs64(handlers[routine_of[api]]) for api in range(table_size)), "apfnDispatch", PAGE
     )
+    plan.public_data.add("apfnDispatch")
     plan.align(PAGE)  # a process that rewrites the table gets private copies of these pages
     for name in exported:
         plan.exports[name] = name
     plan.export_directory()
+    plan.debug_directory("user32.pdb")
     plan.section(".data", "data")
     plan.reserve(0x400, "data")
     plan.section(".pdata", "rdata")
@@ -124,4 +139,16 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
         extras={"callback_table": table},
         handler_returns={plan.labels[label]: rva for label, rva in after_return.items()},
         notable=frozenset(export_names.USER32_ROUTINES),
+        **plan_facts(plan),
     )
+
+
+def _chained_handler(plan: ImagePlan, label: str, slot: str) -> int:
+    """The handler with a secondary RUNTIME_FUNCTION right after its primary one (chained to
+    it); returns the RVA after its NtCallbackReturn call."""
+    handler = chained_callback_handler(slot)
+    rva = plan.routine(label, Routine(handler.primary, CHAINED_HANDLER_FRAME))
+    plan.chained_part(
+        f"{label}#secondary", handler.secondary, label, prologue=1, codes=(push_nonvol(1, RBX),)
+    )
+    return rva + handler.after_return_call

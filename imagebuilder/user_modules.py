@@ -9,6 +9,13 @@ win32u_image.py and user32_image.py shape those three like Microsoft's own
 
 from __future__ import annotations
 
+from imagebuilder.codeview import (
+    DEBUG_DIRECTORY_SIZE,
+    debug_directory_entry,
+    pdb_path_for,
+    rsds_record,
+)
+from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_DEBUG
 from imagebuilder.module_image import ModuleImage, mapped
 from imagebuilder.ntdll_image import DECOY_EXPORT, NTDLL_BASE, NTDLL_SYSCALLS, build_ntdll
 from imagebuilder.pe_image import new_image
@@ -43,6 +50,9 @@ MODULE_BASES = {
 }
 OTHER_DLL_BASE = 0x7FFB_4000_0000
 EXE_BASE = 0x7FF6_1234_0000
+PAYLOAD_RVA = 0x2000  # code far from the exports, where a hijacked table entry can point
+DISPATCH_HOOK_RVA = 0x2100  # where conditions.hook_dispatcher puts a hooked dispatcher's code
+_DEBUG_RVA = 0x6000  # the debug directory and RSDS record: a .rdata page of their own
 
 
 def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImage:
@@ -59,7 +69,24 @@ def build_plain(name: str, base: int, path: str, dll: bool = True) -> ModuleImag
         img.put(".text", rva, b"\x48\x83\xec\x28\xcc")
         exports[f"{stem}{suffix}"] = rva
     # Code far from the exports, where a hijacked callback table entry can point.
-    img.put(".text", 0x2000, b"\x48\x83\xec\x48\xcc")
+    img.put(".text", PAYLOAD_RVA, b"\x48\x83\xec\x48\xcc")
     img.exports = exports
     img.build_exports(".rdata", 0x4000)
-    return mapped(img, path, base, extras={"payload": 0x2000})
+    record = rsds_record("0" * 32, 1, pdb_path_for(name, stem, dll))
+    img.put(
+        ".rdata",
+        _DEBUG_RVA,
+        debug_directory_entry(_DEBUG_RVA + DEBUG_DIRECTORY_SIZE, len(record)) + record,
+    )
+    img.directories[IMAGE_DIRECTORY_ENTRY_DEBUG] = (_DEBUG_RVA, DEBUG_DIRECTORY_SIZE)
+    # No .pdata: every routine here is a leaf to an unwinder.  The PDB also names the code
+    # no export does.
+    symbols = {**exports, f"{stem}Payload": PAYLOAD_RVA, f"{stem}DispatchHook": DISPATCH_HOOK_RVA}
+    return mapped(
+        img,
+        path,
+        base,
+        codeview_record=(_DEBUG_RVA + DEBUG_DIRECTORY_SIZE, 1, pdb_path_for(name, stem, dll)),
+        extras={"payload": PAYLOAD_RVA},
+        pdb_symbols=symbols,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from imagebuilder import export_names
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_RESOURCE, ImagePlan
-from imagebuilder.module_image import ModuleImage, mapped
+from imagebuilder.module_image import ModuleImage, mapped, plan_facts
 from imagebuilder.unwind_info import LEAF_STUB_UNWIND
 from imagebuilder.x64_code import STUB_CODE_SIZE, STUB_SIZE, syscall_stub
 
@@ -39,6 +39,7 @@ def build_win32u() -> ModuleImage:
     plan.section(".rdata", "rdata")
     plan.unwind_infos()
     plan.export_directory()
+    plan.debug_directory("win32u.pdb")
     plan.section(".data", "data")
     plan.reserve(0x100, "data")
     plan.section(".pdata", "rdata")
@@ -47,4 +48,6 @@ def build_win32u() -> ModuleImage:
     rsrc = plan.reserve(16, "resource directory")
     plan.directories[IMAGE_DIRECTORY_ENTRY_RESOURCE] = (rsrc, 16)
     img = plan.link()
-    return mapped(img, WIN32U_PATH, WIN32U_BASE, notable=frozenset(WIN32U_SYSCALLS))
+    return mapped(
+        img, WIN32U_PATH, WIN32U_BASE, notable=frozenset(WIN32U_SYSCALLS), **plan_facts(plan)
+    )

@@ -292,3 +292,75 @@ def callback_handler(rng: random.Random, callback_return_slot: str, callees: tup
     after = code_size(tuple(body))
     body += [add_rsp(frame), RET]
     return HandlerRoutine(Routine(tuple(body), frame), after)
+
+
+# -- routines with chained unwind information ------------------------------------------------
+CHAINED_HANDLER_FRAME = 0x38
+CHAINED_PRIMARY_SIZE = 0x20  # where the secondary prologue (`push rbx`) starts
+RBX = 3
+
+
+@dataclass(frozen=True)
+class ChainedHandler:
+    """A callback handler in two RUNTIME_FUNCTIONs, as MSVC emits a routine that saves a
+    non-volatile register only on a later path: the primary entry covers the prologue and the
+    first work, the secondary one starts at its own `push rbx` and chains to the primary."""
+
+    primary: Code
+    secondary: Code
+    after_return_call: int  # offset from the routine's start, after `call [NtCallbackReturn]`
+
+
+def chained_callback_handler(callback_return_slot: str) -> ChainedHandler:
+    frame = CHAINED_HANDLER_FRAME
+    primary: Code = (
+        sub_rsp(frame),
+        b"\x48\x8d\x4c\x24\x20"  # lea rcx, [rsp+20h]
+        b"\x48\x89\x44\x24\x20"  # mov [rsp+20h], rax
+        b"\x8b\x44\x24\x30"  # mov eax, [rsp+30h]
+        b"\x48\x8b\xc1"  # mov rax, rcx
+        b"\x48\x8b\xda"  # mov rbx, rdx
+        b"\x45\x33\xc0"  # xor r8d, r8d
+        b"\x48\x89\x44\x24\x20",  # mov [rsp+20h], rax
+    )
+    assert code_size(primary) == CHAINED_PRIMARY_SIZE
+    head: Code = (
+        b"\x53"  # push rbx: the secondary prologue
+        b"\x48\x89\x44\x24\x28"  # mov [rsp+28h], rax
+        b"\x48\x8d\x4c\x24\x28"  # lea rcx, [rsp+28h]   OutputBuffer
+        b"\xba\x18\x00\x00\x00"  # mov edx, 18h         OutputLength
+        b"\x45\x33\xc0",  # xor r8d, r8d                Status
+        *call_indirect(callback_return_slot),
+    )
+    secondary: Code = (*head, b"\x5b", add_rsp(frame), RET)  # pop rbx; add rsp; ret
+    return ChainedHandler(primary, secondary, CHAINED_PRIMARY_SIZE + code_size(head))
+
+
+@dataclass(frozen=True)
+class SplitRoutine:
+    """A routine whose rarely taken path the compiler moved away (a separated fragment): the
+    hot part has the frame; the cold part, placed elsewhere, runs inside that frame, so its
+    chained UNWIND_INFO has no codes of its own."""
+
+    hot: Code
+    frame: int
+    cold: Code
+
+
+def split_routine(rng: random.Random, cold_label: str) -> SplitRoutine:
+    frame = rng.choice(FRAME_SIZES)
+    body = b"".join(rng.choice(_BODY) for _ in range(rng.randint(2, 5)))
+    hot: Code = (
+        sub_rsp(frame),
+        body + b"\x85\xc0" + b"\x0f\x85",  # test eax, eax; jne rel32 <cold fragment>
+        Rel32(cold_label),
+        add_rsp(frame),
+        RET,
+    )
+    cold: Code = (
+        b"\xb8\x01\x00\x00\xc0"  # mov eax, 0C0000001h (STATUS_UNSUCCESSFUL)
+        + b"".join(rng.choice(_BODY) for _ in range(rng.randint(2, 5))),
+        add_rsp(frame),
+        RET,
+    )
+    return SplitRoutine(hot, frame, cold)

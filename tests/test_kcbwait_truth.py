@@ -14,8 +14,9 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 PLUGIN = "windows.kcbwait.KcbWait"
-# real-machine: tests/test_real_machine.py; tables: tests/test_kcbtable_truth.py
-SCENARIOS = ["basic", "nt-only", "real-machine", "tables"]
+# real-machine: tests/test_real_machine.py; tables: tests/test_kcbtable_truth.py;
+# symbols: tests/test_symbols_scenario.py
+SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols"]
 THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wow64",
                   "Reason": "reason", "State": "state", "WaitReason": "wait_reason",
                   "NestingLevel": "nesting_level", "Rip": "rip", "Symbol": "symbol",
@@ -23,9 +24,11 @@ THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wo
                   "Notes": "notes"}
 FRAME_COLUMNS = {"Level": "level", "Rip": "rip", "Symbol": "symbol", "Rsp": "rsp",
                  "Frame": "frame", "ApiNumber": "api_number", "Handler": "handler",
-                 "HandlerSymbol": "handler_symbol", "Table": "table", "Buffer": "buffer",
-                 "Length": "length", "KernelSide": "kernel_side", "Notes": "notes"}
-THREAD_ONLY_NULL = ("Frame", "ApiNumber", "Handler", "HandlerSymbol", "Buffer", "Length")
+                 "HandlerSymbol": "handler_symbol", "Callback": "callback", "Table": "table",
+                 "Buffer": "buffer", "Length": "length", "KernelSide": "kernel_side",
+                 "Notes": "notes"}
+THREAD_ONLY_NULL = ("Frame", "ApiNumber", "Handler", "HandlerSymbol", "Callback", "Buffer",
+                    "Length")
 
 
 def as_truth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,7 +64,9 @@ def test_output_equals_truth(images, scenario, profile, fmt, mode):
     paths = images.get(scenario, profile)
     truth = images.truth(scenario, profile)
     options, listed = MODES[mode]
-    rows = run_plugin(paths[fmt], PLUGIN, [paths["symbols"]], options)
+    # The modules' PDB symbol tables the scenario asked for: Volatility finds them offline only
+    # through its identifier cache, which indexes every ISF under the -s directories.
+    rows = run_plugin(paths[fmt], PLUGIN, [paths["symbols"], paths["pdb_symbols"]], options)
     assert as_truth(rows) == [t for t in truth["threads"] if listed(t)]
 
 

@@ -30,7 +30,8 @@ DISPATCHER = [
     (0x39, "eb"),  # jmp
 ]
 STUB = bytes.fromhex("4c8bd1 b805000000 f604250803fe7f01 7503 0f05 c3 cd2e c3".replace(" ", ""))
-UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 2, 10
+UWOP_PUSH_NONVOL, UWOP_ALLOC_SMALL, UWOP_PUSH_MACHFRAME = 0, 2, 10
+UNW_FLAG_CHAININFO = 4
 
 
 class Image:
@@ -70,6 +71,23 @@ class Image:
         if head >> 3 & 3:
             handler = self.dword(rva + 4 + 2 * (count + count % 2))
         return head & 7, head >> 3, prologue, codes, handler
+
+    def chain_parent(self, begin: int) -> tuple[int, int, int] | None:
+        """The parent RUNTIME_FUNCTION (begin, end, unwind) an entry's UNWIND_INFO chains to
+        (UNW_FLAG_CHAININFO: it follows the codes), or None."""
+        rva = self.functions[begin].struct.UnwindData
+        head, _prologue, count, _frame = self.data[rva : rva + 4]
+        if not head >> 3 & UNW_FLAG_CHAININFO:
+            return None
+        return struct.unpack_from("<III", self.data, rva + 4 + 2 * (count + count % 2))
+
+    def function_end(self, begin: int) -> int:
+        """End of the function starting at ``begin``: its entry, then every entry right after
+        it that chains back to it (a secondary prologue)."""
+        end = self.functions[begin].struct.EndAddress
+        while end in self.functions and (self.chain_parent(end) or (None,))[0] == begin:
+            end = self.functions[end].struct.EndAddress
+        return end
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +246,7 @@ def test_handlers_begin_at_runtime_functions_and_call_nt_callback_return(user32)
     assert len(at_function) / len(entries) > 0.85  # 135 of 143 in 19041
     for entry in entries:
         if entry in user32.functions:
-            end = user32.functions[entry].struct.EndAddress
+            end = user32.function_end(entry)
             _v, flags, prologue, codes, _h = user32.unwind(entry)
             assert (flags, prologue) == (0, 4) and [c[1] for c in codes] == [UWOP_ALLOC_SMALL]
         else:  # a leaf routine that tail-jumps to NtCallbackReturn
@@ -248,3 +266,36 @@ def test_iat_is_bound_to_ntdll(user32, ntdll):
     imp = next(i for i in entry.imports if i.name == b"NtCallbackReturn")
     bound = struct.unpack_from("<Q", user32.data, imp.address - user32.module.base)[0]
     assert bound == ntdll.module.address("NtCallbackReturn")
+
+
+def test_a_user32_handler_has_a_chained_secondary_entry(user32):
+    """A handler whose secondary prologue (`push rbx`) has a RUNTIME_FUNCTION of its own, right
+    after the primary one, whose UNWIND_INFO chains to the handler's entry."""
+    entries = set(_table(user32))
+    chained = [b for b in user32.functions if user32.chain_parent(b)]
+    assert len(chained) == 1
+    secondary = user32.functions[chained[0]].struct
+    parent = user32.chain_parent(chained[0])
+    primary = user32.functions[parent[0]].struct
+    assert parent == (primary.BeginAddress, primary.EndAddress, primary.UnwindData)
+    assert primary.BeginAddress in entries and primary.EndAddress == secondary.BeginAddress
+    _v, flags, prologue, codes, _h = user32.unwind(secondary.BeginAddress)
+    assert (flags, prologue, codes) == (UNW_FLAG_CHAININFO, 1, [(1, UWOP_PUSH_NONVOL, 3)])
+    assert user32.data[secondary.BeginAddress] == 0x53  # push rbx
+
+
+def test_an_ntdll_export_has_a_separated_chained_fragment(ntdll):
+    """LdrLoadDll's cold fragment lies far from it, in an entry that chains to LdrLoadDll's."""
+    chained = [b for b in ntdll.functions if ntdll.chain_parent(b)]
+    assert len(chained) == 1
+    parent = ntdll.chain_parent(chained[0])
+    assert parent[0] == ntdll.exports["LdrLoadDll"]
+    assert chained[0] - parent[1] > 0x1000
+    assert ntdll.functions[parent[0]].struct.EndAddress == parent[1]
+    _v, flags, prologue, codes, _h = ntdll.unwind(chained[0])
+    assert (flags, prologue, codes) == (UNW_FLAG_CHAININFO, 0, [])
+    # The hot part's `jne rel32` leads into the fragment.
+    hot = ntdll.data[parent[0] : parent[1]]
+    jne = hot.index(b"\x0f\x85")
+    target = parent[0] + jne + 6 + struct.unpack_from("<i", hot, jne + 2)[0]
+    assert target == chained[0]
