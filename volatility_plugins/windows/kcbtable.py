@@ -18,6 +18,7 @@ from volatility3.framework import constants, interfaces, renderers
 from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_table,
+    cells,
     memory,
     plugin_requirements,
     process_info,
@@ -71,12 +72,6 @@ class TableResult:
     instrumentation_callback: int | None
     instrumentation_target: callback_table.Where | None
     verdict: callback_table.TableVerdict | None
-
-
-def _cell(value, hex_value: bool = False):
-    if value is None:
-        return renderers.NotApplicableValue()
-    return format_hints.Hex(value) if hex_value else value
 
 
 class KcbTable(interfaces.plugins.PluginInterface):
@@ -172,22 +167,22 @@ class KcbTable(interfaces.plugins.PluginInterface):
         ):
             process = result.process
             common = (
-                _cell(process.pid),
-                _cell(text.display(process.name)),
-                _cell(process.wow64),
+                cells.cell(process.pid),
+                cells.cell(text.display(process.name)),
+                cells.cell(process.wow64),
                 result.bits,
-                _cell(result.table, hex_value=True),
-                _cell(text.display(result.owner)),
-                _cell(text.display(result.section)),
+                cells.cell(result.table, hex_value=True),
+                cells.cell(text.display(result.owner)),
+                cells.cell(text.display(result.section)),
                 result.entries,
                 len(result.outside),
-                _cell(result.instrumentation_callback, hex_value=True),
-                _cell(
+                cells.cell(result.instrumentation_callback, hex_value=True),
+                cells.cell(
                     text.display(wording.where(result.instrumentation_target))
                     if result.instrumentation_target is not None
                     else None
                 ),
-                _cell(text.display(wording.table_verdict(result.verdict))),
+                cells.cell(text.display(wording.table_verdict(result.verdict))),
             )
             yield 0, (*common, renderers.NotApplicableValue(), renderers.NotApplicableValue(),
                       renderers.NotApplicableValue())  # fmt: skip

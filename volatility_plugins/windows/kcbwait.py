@@ -25,6 +25,7 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows import threads
 from volatility3.plugins.windows.kcbwait_analysis import (
+    cells,
     findings,
     memory,
     plugin_requirements,
@@ -69,27 +70,15 @@ COLUMNS = [
 ]
 
 
-def _cell(value, field=None, unreadable=frozenset(), hex_value: bool = False):
-    """A TreeGrid cell: the value, or UnreadableValue (``field`` could not be read) /
-    NotApplicableValue when absent."""
-    if value is None:
-        if field is not None and field in unreadable:
-            return renderers.UnreadableValue()
-        return renderers.NotApplicableValue()
-    if hex_value:
-        return format_hints.Hex(value)
-    return value
-
-
 def _identity_cells(result: results.ThreadResult) -> tuple:
     """PID, TID, Process and Wow64: the same on a thread's row and its callback rows."""
     process = result.process
     unreadable = result.unreadable | process.unreadable
     return (
-        _cell(process.pid, results.Field.PID, unreadable),
-        _cell(result.tid, results.Field.TID, unreadable),
-        _cell(text.display(process.name), results.Field.PROCESS, unreadable),
-        _cell(process.wow64, results.Field.WOW64, unreadable),
+        cells.cell(process.pid, results.Field.PID, unreadable),
+        cells.cell(result.tid, results.Field.TID, unreadable),
+        cells.cell(text.display(process.name), results.Field.PROCESS, unreadable),
+        cells.cell(process.wow64, results.Field.WOW64, unreadable),
     )
 
 
@@ -189,21 +178,21 @@ class KcbWait(interfaces.plugins.PluginInterface):
             *_identity_cells(result),
             0,
             wording.reason(result.reason),
-            _cell(result.state, results.Field.STATE, unreadable),
-            _cell(result.wait_reason, results.Field.WAIT_REASON, unreadable),
-            _cell(result.nesting_level, results.Field.NESTING_LEVEL, unreadable),
-            _cell(result.rip, hex_value=True),
-            _cell(text.display(result.symbol)),
-            _cell(result.rsp, hex_value=True),
+            cells.cell(result.state, results.Field.STATE, unreadable),
+            cells.cell(result.wait_reason, results.Field.WAIT_REASON, unreadable),
+            cells.cell(result.nesting_level, results.Field.NESTING_LEVEL, unreadable),
+            cells.cell(result.rip, hex_value=True),
+            cells.cell(text.display(result.symbol)),
+            cells.cell(result.rsp, hex_value=True),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(text.display(wording.table_verdict(result.table))),
+            cells.cell(text.display(wording.table_verdict(result.table))),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(wording.kernel_side(result.kernel_side, thread_row=True)),
+            cells.cell(wording.kernel_side(result.kernel_side, thread_row=True)),
             # Notes and Table name modules: strings from the image, escaped like names.
             text.display(wording.thread_notes(result.notes)),
         )
@@ -215,32 +204,36 @@ class KcbWait(interfaces.plugins.PluginInterface):
         columns = callback.unreadable
         return (
             *_identity_cells(result),
-            _cell(level.number),
+            cells.cell(level.number),
             wording.CALLBACK,
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
             renderers.NotApplicableValue(),
-            _cell(level.rip, hex_value=True),
-            _cell(text.display(callback.symbol)),
-            _cell(
+            cells.cell(level.rip, hex_value=True),
+            cells.cell(text.display(callback.symbol)),
+            cells.cell(
                 None if frame is None else frame.rsp,
                 results.Field.FRAME_RSP,
                 columns,
                 hex_value=True,
             ),
-            _cell(level.frame_address, hex_value=True),
-            _cell(None if frame is None else frame.api_number, results.Field.API_NUMBER, columns),
-            _cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
-            _cell(text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns),
-            _cell(callback.callback),
-            _cell(text.display(wording.table_verdict(callback.table))),
-            _cell(
+            cells.cell(level.frame_address, hex_value=True),
+            cells.cell(
+                None if frame is None else frame.api_number, results.Field.API_NUMBER, columns
+            ),
+            cells.cell(callback.handler, results.Field.HANDLER, columns, hex_value=True),
+            cells.cell(
+                text.display(callback.handler_symbol), results.Field.HANDLER_SYMBOL, columns
+            ),
+            cells.cell(callback.callback),
+            cells.cell(text.display(wording.table_verdict(callback.table))),
+            cells.cell(
                 None if frame is None else frame.buffer,
                 results.Field.BUFFER,
                 columns,
                 hex_value=True,
             ),
-            _cell(None if frame is None else frame.length, results.Field.LENGTH, columns),
+            cells.cell(None if frame is None else frame.length, results.Field.LENGTH, columns),
             wording.kernel_side(level.kernel_side),
             text.display(wording.level_notes(callback.notes)),
         )
