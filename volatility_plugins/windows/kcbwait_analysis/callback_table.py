@@ -12,7 +12,7 @@ memory (RWX named as such, from the VAD's protection).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
 
 from volatility3.framework import exceptions, interfaces
@@ -275,6 +275,7 @@ class ProcessTable:
     owner: Owner | None
     modules: tuple[Region, ...]
     vads: Callable[[], Sequence[Region]]
+    _verdict: TableVerdict | None = field(default=None, init=False, repr=False)
 
     @property
     def present(self) -> bool:
@@ -282,9 +283,13 @@ class ProcessTable:
         return bool(self.table) or (self.table is None and self.owner is not None)
 
     def verdict(self) -> TableVerdict:
-        if self.table is None:
-            return TableVerdict((), True)
-        return check_table(self.table, self.owner, self.modules, self.vads)
+        """The table pointer's verdict (computed once: every thread of the process asks)."""
+        if self._verdict is None:
+            if self.table is None:
+                self._verdict = TableVerdict((), True)
+            else:
+                self._verdict = check_table(self.table, self.owner, self.modules, self.vads)
+        return self._verdict
 
     def entry(self, index: int, value: int | None) -> TableVerdict:
         return check_entry(index, value, self.owner, self.modules, self.vads)

@@ -187,6 +187,7 @@ class ImageCatalog:
         self._vads: dict[int, list[callback_table.Region]] = {}
         self._protect_values: list[int] | None = None
         self._protect_values_read = False
+        self._instrumentation: dict[int, int | None] = {}
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
 
     @classmethod
@@ -524,14 +525,25 @@ class ImageCatalog:
         return callback_table.where(address, modules, lambda: self.vads(info))
 
     def instrumentation_callback(self, info: ProcessInfo) -> int | None:
-        """``KPROCESS.InstrumentationCallback`` when the table has it and it is set."""
-        try:
-            pcb = info.proc.Pcb
-            if not pcb.has_member("InstrumentationCallback"):
-                return None
-            return int(pcb.InstrumentationCallback) or None
-        except (exceptions.InvalidAddressException, AttributeError):
+        """``KPROCESS.InstrumentationCallback`` when the table has it and it is set (read once
+        per process: every thread of the process carries the note)."""
+        if info.offset not in self._instrumentation:
+            value = None
+            try:
+                pcb = info.proc.Pcb
+                if pcb.has_member("InstrumentationCallback"):
+                    value = int(pcb.InstrumentationCallback) or None
+            except (exceptions.InvalidAddressException, AttributeError):
+                value = None
+            self._instrumentation[info.offset] = value
+        return self._instrumentation[info.offset]
+
+    def instrumentation_finding(self, info: ProcessInfo) -> tuple[int, callback_table.Where] | None:
+        """(InstrumentationCallback, where it points) for the thread note, or None."""
+        address = self.instrumentation_callback(info)
+        if address is None:
             return None
+        return address, self.where(info, address)
 
     def callback_name(self, info: ProcessInfo, api_number: int) -> str | None:
         """The PDB name of the original table's entry ``api_number`` (user32's

@@ -182,14 +182,9 @@ class ThreadAnalyzer:
         if stack.status is findings.KernelStackStatus.BROKEN:
             found.unreadable.add(findings.Unreadable.KERNEL_STACK)
         frames_found = sum(1 for level in levels if level.is_frame)
-        instrumentation = self._catalog.instrumentation_callback(info)
         notes = findings.ThreadNotes(
             foreign=foreign,
-            instrumentation_callback=(
-                (instrumentation, self._catalog.where(info, instrumentation))
-                if instrumentation is not None
-                else None
-            ),
+            instrumentation_callback=self._catalog.instrumentation_finding(info),
             kernel_stack_not_resident=stack.status is findings.KernelStackStatus.NOT_RESIDENT,
             no_user_trap_frame=(
                 stack.status is not findings.KernelStackStatus.NOT_RESIDENT and user_frame is None
