@@ -51,13 +51,12 @@ from imagebuilder.lab_types import (
     PadTo,
     TypeDecl,
 )
+from imagebuilder.pdb_isf import isf_metadata
 
 LAB_GUID = "4B43425741495400000000000000AB01"
 LAB_AGE = 1
 LAB_BUILD = 19041
 PDB_NAME = "ntkrnlmp.pdb"
-MACHINE_TYPE_AMD64 = 34404
-ISF_FORMAT = "6.1.0"
 PRODUCER = {"name": "kcbwait-imagebuilder-lab-profile", "version": "1"}
 
 
@@ -309,18 +308,7 @@ def build_isf() -> dict[str, Any]:
              for name, e in ENUMS.items()}
     symbols = {name: {"address": sym.rva} for name, sym in SYMBOLS.items()}
     return {
-        "metadata": {
-            "format": ISF_FORMAT,
-            "producer": dict(PRODUCER),
-            "windows": {
-                "pdb": {
-                    "GUID": LAB_GUID,
-                    "age": LAB_AGE,
-                    "database": PDB_NAME,
-                    "machine_type": MACHINE_TYPE_AMD64,
-                }
-            },
-        },
+        "metadata": isf_metadata(LAB_GUID, LAB_AGE, PDB_NAME, PRODUCER),
         "base_types": base_types,
         "user_types": user_types,
         "enums": enums,

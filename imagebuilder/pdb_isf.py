@@ -22,23 +22,31 @@ IMAGE_FILE_MACHINE_AMD64 = 0x8664  # 34404
 PRODUCER = {"name": "kcbwait-builder", "version": "0.1"}
 
 
+def isf_metadata(guid: str, age: int, database: str, producer: dict[str, str]) -> dict[str, Any]:
+    """The metadata of a Windows ISF: Volatility finds a table by ``windows.pdb``'s GUID, age
+    and database (the PDB file name, case kept)."""
+    return {
+        "format": ISF_FORMAT,
+        "producer": dict(producer),
+        "windows": {
+            "pdb": {
+                "GUID": guid,
+                "age": age,
+                "database": database,
+                "machine_type": IMAGE_FILE_MACHINE_AMD64,
+            }
+        },
+    }
+
+
 def module_isf(module: ModuleImage) -> dict[str, Any]:
     """The symbols-only ISF of ``module``'s PDB."""
     assert module.codeview is not None, module.name
     return {
-        "metadata": {
-            "format": ISF_FORMAT,
-            "producer": dict(PRODUCER),
-            "windows": {
-                "pdb": {
-                    "GUID": module.codeview.guid,
-                    "age": module.codeview.age,
-                    # The key a reader looks the table up by: the RSDS path's last element.
-                    "database": module.codeview.pdb_name,
-                    "machine_type": IMAGE_FILE_MACHINE_AMD64,
-                }
-            },
-        },
+        # The key a reader looks the table up by: the RSDS path's last element.
+        "metadata": isf_metadata(
+            module.codeview.guid, module.codeview.age, module.codeview.pdb_name, PRODUCER
+        ),
         "base_types": {},
         "user_types": {},
         "enums": {},
