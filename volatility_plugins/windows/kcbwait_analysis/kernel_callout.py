@@ -45,10 +45,6 @@ class SegmentChain:
     segments: tuple[StackSegment, ...]
     complete: bool
 
-    @property
-    def callout_count(self) -> int:
-        return max(0, len(self.segments) - 1) if self.complete else 0
-
 
 def read_segment(kernel: interfaces.context.ModuleInterface, address: int) -> StackSegment | None:
     """Reads the _KSTACK_CONTROL at ``address`` (absolute kernel address)."""

@@ -19,7 +19,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from volatility3.framework import constants, exceptions, interfaces
+from volatility3.framework import exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.symbols.windows import pdbutil
 from volatility3.plugins.windows.kcbwait_analysis import memory, pe_exports, read_stats
@@ -166,5 +166,5 @@ class PdbNames:
                 names.append((name, int(table.get_symbol(name).address)))
             except (exceptions.SymbolError, TypeError):
                 continue
-        vollog.debug(f"{len(names)} symbols for {codeview.pdb_name} ({constants.BANG}{table_name})")
+        vollog.debug(f"{len(names)} symbols for {codeview.pdb_name} (table {table_name})")
         return names

@@ -188,6 +188,7 @@ class ImageCatalog:
         self._protect_values: list[int] | None = None
         self._protect_values_read = False
         self._instrumentation: dict[int, int | None] = {}
+        self._instrumentation_findings: dict[int, tuple[int, callback_table.Where] | None] = {}
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
 
     @classmethod
@@ -539,11 +540,14 @@ class ImageCatalog:
         return self._instrumentation[info.offset]
 
     def instrumentation_finding(self, info: ProcessInfo) -> tuple[int, callback_table.Where] | None:
-        """(InstrumentationCallback, where it points) for the thread note, or None."""
-        address = self.instrumentation_callback(info)
-        if address is None:
-            return None
-        return address, self.where(info, address)
+        """(InstrumentationCallback, where it points) for the thread note, or None; once per
+        process, as every thread of the process carries the note."""
+        if info.offset not in self._instrumentation_findings:
+            address = self.instrumentation_callback(info)
+            self._instrumentation_findings[info.offset] = (
+                None if address is None else (address, self.where(info, address))
+            )
+        return self._instrumentation_findings[info.offset]
 
     def callback_name(self, info: ProcessInfo, api_number: int) -> str | None:
         """The PDB name of the original table's entry ``api_number`` (user32's

@@ -116,12 +116,6 @@ class Symbolizer:
             return None
         return format_symbol(module, self._symbols_provider(module), address)
 
-    def module_of(self, address: int) -> LoadedModule | None:
-        return find_module(self.modules, address)
-
-    def symbols_of(self, module: LoadedModule) -> ModuleSymbols:
-        return self._symbols_provider(module)
-
 
 def _unicode_string(
     context: interfaces.context.ContextInterface,
