@@ -70,7 +70,7 @@ COLUMNS = [
 ]
 
 
-def _identity_cells(result: results.ThreadResult) -> tuple:
+def identity_cells(result: results.ThreadResult) -> tuple:
     """PID, TID, Process and Wow64: the same on a thread's row and its callback rows."""
     process = result.process
     unreadable = result.unreadable | process.unreadable
@@ -86,7 +86,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
     """Lists threads waiting at ZwCallbackReturn or inside kernel-to-user callbacks (x64)."""
 
     _required_framework_version = (2, 26, 0)
-    _version = (3, 0, 0)
+    _version = (3, 1, 0)
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
@@ -95,25 +95,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
             requirements.VersionRequirement(
                 name="threads", component=threads.Threads, version=(3, 0, 0)
             ),
-            requirements.ListRequirement(
-                name="tid",
-                element_type=int,
-                description="Thread IDs to include (all other threads are excluded)",
-                optional=True,
-            ),
-            requirements.BooleanRequirement(
-                name="at-return-only",
-                description="List only threads whose trap frame is in NtCallbackReturn/"
-                "ZwCallbackReturn",
-                default=False,
-                optional=True,
-            ),
-            requirements.BooleanRequirement(
-                name="all-threads",
-                description="List every thread, including those with reason 'none'",
-                default=False,
-                optional=True,
-            ),
+            *plugin_requirements.thread_selection_requirements(),
         ]
 
     @classmethod
@@ -125,9 +107,13 @@ class KcbWait(interfaces.plugins.PluginInterface):
         tids: list[int] | None = None,
         progress_callback: constants.ProgressCallback = None,
         stats: read_stats.ReadStats | None = None,
+        stack_mode: findings.ListingMode | None = None,
     ) -> Iterator[results.ThreadResult]:
         """Analyses every thread (pslist order, then ThreadListHead order), optionally narrowed
         to ``pids``/``tids``; yields one ThreadResult per thread whatever its reason.
+
+        With ``stack_mode``, the threads that mode lists also carry their user-mode call
+        stack (``ThreadResult.stack``, windows.kcbstack); the others are not walked.
 
         ``progress_callback`` (Volatility's ``(percent, description)``) hears of each process.
         Work counters (bytes read, export directories parsed) go to ``stats`` (a fresh
@@ -167,7 +153,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
                         if tid not in tid_filter:
                             continue
                     stats.threads += 1
-                    yield analyzer.analyse(info, thread)
+                    yield analyzer.analyse(info, thread, stack_mode)
         finally:
             vollog.debug(f"windows.kcbwait work: {stats.summary()}")
 
@@ -175,7 +161,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
     def _thread_row(result: results.ThreadResult) -> tuple:
         unreadable = result.unreadable | result.process.unreadable
         return (
-            *_identity_cells(result),
+            *identity_cells(result),
             0,
             wording.reason(result.reason),
             cells.cell(result.state, results.Field.STATE, unreadable),
@@ -203,7 +189,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
         frame = level.frame
         columns = callback.unreadable
         return (
-            *_identity_cells(result),
+            *identity_cells(result),
             cells.cell(level.number),
             wording.CALLBACK,
             renderers.NotApplicableValue(),

@@ -20,6 +20,7 @@ from typing import Sequence
 from volatility3.plugins.windows.kcbwait_analysis import (
     findings,
     kernel_callout,
+    trap_frame,
     user_callout,
 )
 
@@ -42,6 +43,8 @@ class Level:
     is_frame: bool
     return_outside_dispatcher: int | None = None
     unreadable: frozenset[findings.Unreadable] = frozenset()
+    caller: trap_frame.TrapFrame | None = None
+    """T(k-1), the trap frame this level's callout started from (kernel levels only)."""
 
 
 def _return_outside(
@@ -116,6 +119,7 @@ def level_from_kernel(
         is_frame=is_frame,
         return_outside_dispatcher=_return_outside(frame, is_return) if frame else None,
         unreadable=frozenset(unreadable),
+        caller=caller,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from volatility3.framework import interfaces
-from volatility3.plugins.windows.kcbwait_analysis import pe_exports, read_stats
+from volatility3.plugins.windows.kcbwait_analysis import pe_exports, read_stats, runtime_functions
 
 NTDLL_NAME = "ntdll.dll"
 CALLBACK_RETURN_EXPORTS = ("NtCallbackReturn", "ZwCallbackReturn")
@@ -105,15 +105,29 @@ def read_exception_directory(
     headers are unreadable or invalid, or the exception directory is absent, larger than
     MAX_EXCEPTION_DIRECTORY or outside the image.  Only the directory's own bytes are read.
     """
+    return read_unwind_directory(context, layer_name, base, stats)[0]
+
+
+def read_unwind_directory(
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    stats: read_stats.ReadStats | None = None,
+) -> tuple[bytes | None, runtime_functions.DirectoryState]:
+    """The exception directory as ``read_exception_directory`` reads it, and whether all of
+    it was read: an image whose headers say it has none is COMPLETE (only leaf functions)."""
+    incomplete = runtime_functions.DirectoryState.INCOMPLETE
     headers, _problem = pe_exports.read_headers(context, layer_name, base, stats)
     if headers is None:
-        return None
+        return None, incomplete
     directory = headers.exception
+    if directory.size == 0 and directory.rva == 0:
+        return None, runtime_functions.DirectoryState.COMPLETE
     if not pe_exports.directory_in_image(headers, directory, MAX_EXCEPTION_DIRECTORY):
-        return None
+        return None, incomplete
     buffer = bytearray(directory.size)
-    pe_exports.read_pages_into(context, layer_name, base + directory.rva, buffer, stats)
-    return bytes(buffer)
+    complete = pe_exports.read_pages_into(context, layer_name, base + directory.rva, buffer, stats)
+    return bytes(buffer), (runtime_functions.DirectoryState.COMPLETE if complete else incomplete)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,32 @@ def common_requirements() -> list[interfaces.configuration.RequirementInterface]
     ]
 
 
+def thread_selection_requirements() -> list[interfaces.configuration.RequirementInterface]:
+    """--tid, --at-return-only and --all-threads: which threads windows.kcbwait and
+    windows.kcbstack list (findings.ListingMode)."""
+    return [
+        requirements.ListRequirement(
+            name="tid",
+            element_type=int,
+            description="Thread IDs to include (all other threads are excluded)",
+            optional=True,
+        ),
+        requirements.BooleanRequirement(
+            name="at-return-only",
+            description="List only threads whose trap frame is in NtCallbackReturn/"
+            "ZwCallbackReturn",
+            default=False,
+            optional=True,
+        ),
+        requirements.BooleanRequirement(
+            name="all-threads",
+            description="List every thread, including those with reason 'none'",
+            default=False,
+            optional=True,
+        ),
+    ]
+
+
 def x64_tree_grid(
     context: interfaces.context.ContextInterface,
     kernel_module_name: str,

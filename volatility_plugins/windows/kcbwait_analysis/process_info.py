@@ -31,6 +31,7 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     read_stats,
     results,
     runtime_functions,
+    stack_walk,
     symbolizer,
     text,
 )
@@ -182,6 +183,7 @@ class ImageCatalog:
         self._copies: dict[ImageKey, list[str]] | None = None
         self._by_address: dict[int, ProcessInfo] | None = None
         self._symbols: dict[Fingerprint, symbolizer.ModuleSymbols] = {}
+        self._unwind_sources: dict[tuple[str | None, Fingerprint], stack_walk.UnwindSource] = {}
         self.pdb_names = pdb_names.PdbNames(context)
         self._tables: dict[tuple[int, int], callback_table.ProcessTable | None] = {}
         self._vads: dict[int, list[callback_table.Region]] = {}
@@ -408,6 +410,32 @@ class ImageCatalog:
                 names, functions, self._unwind_reader(module, layer_name), from_pdb
             )
         return self._symbols[key]
+
+    def unwind_source(
+        self, module: symbolizer.LoadedModule, layer_name: str | None
+    ) -> stack_walk.UnwindSource:
+        """``module``'s RUNTIME_FUNCTIONs for unwinding (once per process and copy): the
+        process's own mapping of the exception directory, else the first complete copy in
+        another process (same base and path); UNWIND_INFO is read from the own mapping."""
+        key = (layer_name, self.fingerprint(module, layer_name))
+        if key not in self._unwind_sources:
+            data, state = None, runtime_functions.DirectoryState.INCOMPLETE
+            for candidate in self._layers_for(module, layer_name):
+                read = ntdll_exports.read_unwind_directory(
+                    self._context, candidate, module.base, self.stats
+                )
+                if data is None or read[1] is runtime_functions.DirectoryState.COMPLETE:
+                    data, state = read
+                if state is runtime_functions.DirectoryState.COMPLETE:
+                    break
+            if len(self._unwind_sources) >= MAX_CACHED_IMAGES:
+                del self._unwind_sources[next(iter(self._unwind_sources))]
+            self._unwind_sources[key] = stack_walk.UnwindSource(
+                runtime_functions.RuntimeFunctions.parse(data),
+                state,
+                self._unwind_reader(module, layer_name),
+            )
+        return self._unwind_sources[key]
 
     def _codeview(
         self, module: symbolizer.LoadedModule, layer_name: str

@@ -10,7 +10,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from volatility3.plugins.windows.kcbwait_analysis import callback_levels, callback_table, findings
+from volatility3.plugins.windows.kcbwait_analysis import (
+    callback_levels,
+    callback_table,
+    findings,
+    stack_walk,
+)
 
 
 class Field(enum.Enum):
@@ -100,3 +105,5 @@ class ThreadResult:
     unreadable: frozenset[Field] = field(default_factory=frozenset)
     table: callback_table.TableVerdict | None = None
     """The process's table and the entries this thread's levels use."""
+    stack: tuple[stack_walk.StackFrame, ...] | None = None
+    """The user-mode call stack (windows.kcbstack), when it was asked for."""

@@ -13,6 +13,7 @@ another, unexported function (every user32 callback handler) names the wrong fun
 from __future__ import annotations
 
 import bisect
+import enum
 import struct
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -28,6 +29,15 @@ MAX_FUNCTIONS = 0x20000
 
 UnwindReader = Callable[[int, int], Optional[bytes]]
 """(rva, length) -> bytes of the image at that RVA, or None when unreadable."""
+
+
+class DirectoryState(enum.Enum):
+    """How much of an image's exception directory was read.  An image without one is
+    COMPLETE (every function in it is a leaf); INCOMPLETE means headers or some page of the
+    directory could not be read, so a function missing from it may just be unread."""
+
+    COMPLETE = enum.auto()
+    INCOMPLETE = enum.auto()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ those of its owner, so a foreign entry never reads another process's memory as i
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from volatility3.framework import constants, exceptions, interfaces
@@ -33,6 +34,8 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     process_info,
     read_stats,
     results,
+    stack_walk,
+    thread_stack,
     trap_frame,
     user_callout,
 )
@@ -147,9 +150,13 @@ class ThreadAnalyzer:
         return owner or listed, findings.ForeignThread(owner_pid, fields.process)
 
     def analyse(
-        self, listed: process_info.ProcessInfo, thread: interfaces.objects.ObjectInterface
+        self,
+        listed: process_info.ProcessInfo,
+        thread: interfaces.objects.ObjectInterface,
+        stack_mode: findings.ListingMode | None = None,
     ) -> results.ThreadResult:
-        """Full analysis of one thread found in the thread list of the process ``listed``."""
+        """Full analysis of one thread found in the thread list of the process ``listed``;
+        with ``stack_mode``, the threads that mode lists also get their call stack."""
         facts = self._facts
         fields = ThreadFields(thread, facts.nesting_member, facts.resident_member)
         info, foreign = self._owner(listed, fields)
@@ -206,7 +213,7 @@ class ThreadAnalyzer:
             unreadable=frozenset(found.unreadable),
             invalid=frozenset(found.invalid),
         )
-        return results.ThreadResult(
+        result = results.ThreadResult(
             process=listed.summary,
             tid=fields.tid,
             reason=findings.Reason(at_return, in_callback),
@@ -235,6 +242,34 @@ class ThreadAnalyzer:
             ),
             unreadable=frozenset(fields.unreadable),
         )
+        if stack_mode is None or not stack_mode.lists(result.reason):
+            return result
+        if user_frame is None:
+            if stack.status is findings.KernelStackStatus.NOT_RESIDENT:
+                why = stack_walk.Note.KERNEL_STACK_NOT_RESIDENT
+            elif findings.Unreadable.TRAP_FRAME in found.unreadable:
+                why = stack_walk.Note.TRAP_FRAME_UNREADABLE
+            else:
+                why = stack_walk.Note.NO_USER_TRAP_FRAME
+            frames: tuple[stack_walk.StackFrame, ...] = (thread_stack.no_stack(why),)
+        else:
+            limits = None
+            if info.layer_name is not None:
+                limits = read_teb_limits(
+                    self._context, facts.table_name, info.layer_name, fields.teb
+                )
+            frames = thread_stack.walk(
+                self._context,
+                self._catalog,
+                info,
+                ntdll,
+                sym,
+                user_frame,
+                levels if readable else (),
+                user_callout.usable_bounds(limits),
+                self._stats,
+            )
+        return dataclasses.replace(result, stack=frames)
 
     def _current_trap_frame(
         self, stack: kernel_callout.KernelStack, fields: ThreadFields, found: _Findings

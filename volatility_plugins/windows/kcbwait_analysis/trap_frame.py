@@ -35,6 +35,9 @@ class TrapFrame:
     rip: int
     rsp: int
     seg_cs: int
+    rbp: int | None = None
+    """The user Rbp the system-call entry saved (None when unreadable): the frame register
+    of a frame-pointer function the thread was in (windows.kcbstack)."""
 
     @property
     def user_mode(self) -> bool:
@@ -55,6 +58,11 @@ def read_trap_frame(kernel: interfaces.context.ModuleInterface, address: int) ->
         return None
     try:
         frame = kernel.object(object_type="_KTRAP_FRAME", offset=address, absolute=True)
-        return TrapFrame(address, int(frame.Rip), int(frame.Rsp), int(frame.SegCs))
+        rip, rsp, seg_cs = int(frame.Rip), int(frame.Rsp), int(frame.SegCs)
     except exceptions.InvalidAddressException:
         return None
+    try:
+        rbp: int | None = int(frame.Rbp)
+    except (exceptions.InvalidAddressException, AttributeError):
+        rbp = None
+    return TrapFrame(address, rip, rsp, seg_cs, rbp)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from volatility3.plugins.windows.kcbwait_analysis import callback_table, findings
+from volatility3.plugins.windows.kcbwait_analysis import callback_table, findings, stack_walk
 
 NOTE_SEPARATOR = "; "
 
@@ -173,3 +173,45 @@ def table_verdict(value: callback_table.TableVerdict | None) -> str | None:
 
 def instrumentation_note(address: int, target: callback_table.Where) -> str:
     return f"instrumentation callback {address:#x} in {where(target)}"
+
+
+# windows.kcbstack (docs/output-contract.md, "windows.kcbstack").
+_HOW = {
+    stack_walk.How.TRAP_FRAME: "trap frame",
+    stack_walk.How.UNWIND: "unwind",
+    stack_walk.How.MACHINE_FRAME: "machine frame",
+    stack_walk.How.KERNEL_CALLBACK_FRAME: "callback frame (kernel)",
+    stack_walk.How.SCAN: "scan",
+    stack_walk.How.FRAME_POINTER: "frame pointer",
+}
+_FRAME_NOTES = {
+    stack_walk.Note.NO_USER_TRAP_FRAME: "no user-mode trap frame",
+    stack_walk.Note.KERNEL_STACK_NOT_RESIDENT: "kernel stack not resident",
+    stack_walk.Note.TRAP_FRAME_UNREADABLE: "unreadable: trap frame",
+    stack_walk.Note.UNWIND_DATA_UNREADABLE: "unreadable: unwind data",
+    stack_walk.Note.UNWIND_DATA_INVALID: "invalid: unwind data",
+    stack_walk.Note.FRAME_REGISTER_UNKNOWN: "frame register unknown",
+    stack_walk.Note.NO_RETURN_ADDRESS: "no return address found",
+    stack_walk.Note.NOT_IN_MODULE: "not in a module",
+    stack_walk.Note.STACK_UNREADABLE: "unreadable: stack {:#x}",
+    stack_walk.Note.RSP_NOT_INCREASING: "stack pointer did not increase",
+    stack_walk.Note.FRAME_LIMIT: "frame limit",
+    stack_walk.Note.LEFT_LEVEL: "left the callback level",
+    stack_walk.Note.NOT_KERNEL_FRAME: "not the kernel's UCALLOUT_FRAME {:#x}",
+    stack_walk.Note.MACHINE_RIP_DIFFERS: "machine frame Rip differs from the kernel's {:#x}",
+    stack_walk.Note.USER_STACK_UNREADABLE: "unreadable: user stack",
+    stack_walk.Note.WOW64_CONTEXT_UNREADABLE: "unreadable: WoW64 context",
+}
+
+
+def how(value: stack_walk.How | None) -> str | None:
+    return _HOW[value] if value is not None else None
+
+
+def frame_notes(notes: Iterable[stack_walk.FrameNote]) -> str:
+    """A frame row's notes in the order they arose."""
+    texts = []
+    for item in notes:
+        template = _FRAME_NOTES[item.note]
+        texts.append(template.format(item.address) if "{" in template else template)
+    return NOTE_SEPARATOR.join(texts)
