@@ -267,6 +267,7 @@ class ThreadAnalyzer:
                 user_frame,
                 levels if readable else (),
                 user_callout.usable_bounds(limits),
+                fields.teb,
                 self._stats,
             )
         return dataclasses.replace(result, stack=frames)

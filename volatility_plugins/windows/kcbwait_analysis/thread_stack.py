@@ -8,10 +8,11 @@ each kernel level's UCALLOUT_FRAME and T(k-1)).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Sequence
 
-from volatility3.framework import interfaces
+from volatility3.framework import constants, exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import (
     callback_levels,
     memory,
@@ -22,6 +23,7 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     symbolizer,
     trap_frame,
     user_callout,
+    wow64_stack,
     x64_unwind,
 )
 
@@ -65,9 +67,11 @@ def walk(
     start: trap_frame.TrapFrame,
     levels: Sequence[callback_levels.Level],
     bounds: user_callout.StackBounds | None,
+    teb: int | None,
     stats: read_stats.ReadStats | None = None,
 ) -> tuple[stack_walk.StackFrame, ...]:
-    """The call stack of a thread whose current trap frame is ``start``."""
+    """The call stack of a thread whose current trap frame is ``start``; for a WoW64
+    process, its 32-bit frames follow the 64-bit ones."""
     layer_name = info.layer_name
 
     def reader(max_pages: int) -> memory.PagedReader | None:
@@ -95,9 +99,55 @@ def walk(
         in_dispatcher=lambda address: ntdll_exports.is_dispatcher_return(ntdll, address) is True,
         symbolize=sym.symbolize,
     )
-    return stack_walk.walk_stack(
+    frames = stack_walk.walk_stack(
         code,
         x64_unwind.Registers.at(start.rip, start.rsp, start.rbp),
         level_entries(levels),
         bounds.high if bounds is not None else None,
     )
+    if not info.summary.wow64:
+        return frames
+    saved = None
+    cpu_reserved = _cpu_reserved(context, catalog.facts.table_name, layer_name, teb)
+    if cpu_reserved is not None and stack_reader is not None:
+        saved = wow64_stack.read_context(cpu_reserved, stack_reader.read)
+    if saved is None:
+        note = stack_walk.FrameNote(stack_walk.Note.WOW64_CONTEXT_UNREADABLE)
+        last = frames[-1]
+        return (*frames[:-1], dataclasses.replace(last, notes=(*last.notes, note)))
+
+    def read_dword(address: int) -> int | None:
+        data = stack_reader.read(address, 4) if stack_reader is not None else None
+        return struct.unpack("<I", data)[0] if data is not None else None
+
+    vads = catalog.vads(info)
+
+    def symbolize32(address: int) -> str | None:
+        for region in vads:
+            if region.name and not region.private and region.contains(address):
+                return f"{region.name}+{address - region.base:#x}"
+        return None
+
+    eip, esp, ebp = saved
+    return frames + tuple(
+        wow64_stack.walk_frame_pointers(eip, esp, ebp, read_dword, len(frames), symbolize32)
+    )
+
+
+def _cpu_reserved(
+    context: interfaces.context.ContextInterface,
+    table_name: str,
+    layer_name: str | None,
+    teb: int | None,
+) -> int | None:
+    """TEB.TlsSlots[WOW64_TLS_CPURESERVED] of a WoW64 thread's 64-bit TEB."""
+    if not teb or layer_name is None:
+        return None
+    try:
+        slots = context.object(
+            f"{table_name}{constants.BANG}_TEB", layer_name=layer_name, offset=teb
+        ).TlsSlots
+        value = int(slots[wow64_stack.WOW64_TLS_CPURESERVED])
+    except (exceptions.InvalidAddressException, AttributeError, IndexError):
+        return None
+    return value or None

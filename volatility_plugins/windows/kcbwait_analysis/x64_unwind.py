@@ -153,9 +153,7 @@ def parse_unwind_info(read: ImageReader, rva: int) -> UnwindInfo | Problem:
         return Problem.UNWIND_DATA_UNREADABLE
     codes = decode_codes(raw, version)
     frame_register, frame_offset = frame & 0xF, frame >> 4
-    if codes is None or (
-        frame_register == 0 and any(c.op == UWOP_SET_FPREG for c in codes)
-    ):
+    if codes is None or (frame_register == 0 and any(c.op == UWOP_SET_FPREG for c in codes)):
         return Problem.UNWIND_DATA_INVALID
     parent = None
     if flags & UNW_FLAG_CHAININFO:
