@@ -151,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     )
     plug.add_argument("--pid", type=int, nargs="+", metavar="N", help="only these processes")
     plug.add_argument("--tid", type=int, nargs="+", metavar="N", help="only these threads")
+    plug.add_argument(
+        "--stacks",
+        action="store_true",
+        help="add each listed thread's call stack (windows.kcbstack frames) as 'stack'",
+    )
     out = top.add_argument_group("display")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     out.add_argument(
@@ -176,12 +181,13 @@ def plugin_options(args: argparse.Namespace) -> dict[str, Any]:
         "at-return-only": bool(args.at_return_only),
         "pid": args.pid,
         "tid": args.tid,
+        "stacks": bool(args.stacks),
     }
 
 
 def volatility_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options that are set (Volatility's config has no use for unset lists)."""
-    return {k: v for k, v in options.items() if v is not None}
+    return {k: v for k, v in options.items() if v is not None and k != "stacks"}
 
 
 def make_backend(args: argparse.Namespace, log: Progress) -> Backend:
@@ -212,7 +218,8 @@ def _plan_resume(
     records of images about to be redone go)."""
     existing = writer.load_existing(args.out, fmt)
     for status in existing.status.values():
-        if status["options"] != options:
+        # Files written before --stacks existed have no "stacks" option: they had none.
+        if {"stacks": False, **status["options"]} != options:
             raise writer.OutputError(
                 f"{args.out} was written with windows.kcbwait options {status['options']}, "
                 f"not {options}: use another --out"
@@ -276,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         offline=args.offline,
         cache_path=args.cache_path,
     )
-    tasks = [ImageTask(i.path, volatility_options(options), framework, args.hash) for i in todo]
+    tasks = [
+        ImageTask(i.path, volatility_options(options), framework, args.hash, args.stacks)
+        for i in todo
+    ]
     by_path = {image.path: image for image in todo}
     backend = make_backend(args, progress)
     try:

@@ -40,9 +40,11 @@ from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
 
-from kcbwait_batch import kernel_identity, kernel_symbols
+from kcbwait_batch import kernel_identity, kernel_symbols, records
 
 KCBWAIT_PLUGIN = "windows.kcbwait.KcbWait"
+KCBSTACK_PLUGIN = "windows.kcbstack.KcbStack"
+STACK_KEY = records.STACK_KEY
 
 # A source checkout keeps the plugin in volatility_plugins/ beside this package; an installed
 # package puts it straight into Volatility's own plugin namespace, where it is found anyway.
@@ -298,8 +300,10 @@ def run_kcbwait(
     config: FrameworkConfig,
     options: dict[str, Any] | None = None,
     on_stage: StageCallback | None = None,
+    stacks: bool = False,
 ) -> KcbwaitRun:
-    """Runs windows.kcbwait on ``image`` exactly as ``vol`` would, plus the kernel identity."""
+    """Runs windows.kcbwait on ``image`` exactly as ``vol`` would, plus the kernel identity;
+    with ``stacks``, each thread row also carries its windows.kcbstack rows (``STACK_KEY``)."""
     stage = on_stage or (lambda _name: None)
     stage("loading framework")
     prepare(config)
@@ -313,5 +317,38 @@ def run_kcbwait(
     identity = kernel_identity.identify(constructed.context, kernel_name)
     stage("analysing threads")
     rows = grid_rows(constructed.run())
+    if stacks:
+        stage("walking stacks")
+        attach_stacks(rows, _stack_rows(constructed.context, kernel_name, options or {}))
     plugin_version, volatility_version = versions()
     return KcbwaitRun(rows, identity, plugin_version, volatility_version)
+
+
+def _stack_rows(
+    context: interfaces.context.ContextInterface, kernel_name: str, options: dict[str, Any]
+) -> list[Row]:
+    """windows.kcbstack's rows on the context windows.kcbwait already stacked (no second
+    automagic pass: the kernel module and its symbols are there)."""
+    stack_cls = plugin_class(KCBSTACK_PLUGIN)
+    base = interfaces.configuration.path_join("plugins", stack_cls.__name__)
+    context.config[interfaces.configuration.path_join(base, "kernel")] = kernel_name
+    for key, value in options.items():
+        context.config[interfaces.configuration.path_join(base, key)] = value
+    plugin = plugins.construct_plugin(context, [], stack_cls, "plugins", None, None)
+    return grid_rows(plugin.run())
+
+
+def attach_stacks(thread_rows: list[Row], stack_rows: list[Row]) -> None:
+    """Gives each thread row its frames: both plugins list the same threads in the same
+    order, and a thread's frames start with Frame 0 (or its single row with Frame null)."""
+    groups: list[list[Row]] = []
+    for row in stack_rows:
+        if row.get("Frame") in (0, None) or not groups:
+            groups.append([])
+        groups[-1].append({k: v for k, v in row.items() if k != "__children"})
+    if len(groups) != len(thread_rows):
+        raise ImageError(
+            f"windows.kcbstack listed {len(groups)} threads, windows.kcbwait {len(thread_rows)}"
+        )
+    for thread, frames in zip(thread_rows, groups, strict=True):
+        thread[STACK_KEY] = frames

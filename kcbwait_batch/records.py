@@ -37,6 +37,10 @@ FAILED_STATUSES = (ERROR, TIMEOUT, CRASHED)
 
 # windows.kcbwait's columns, in its order (docs/output-contract.md); a test holds this list to
 # the plugin's own COLUMNS so the two cannot drift apart.
+STACK_KEY = "__stack"
+"""Where a thread row carries its windows.kcbstack rows (``kcbwait-batch --stacks``)."""
+STACK_COLUMNS = ("Frame", "CallbackLevel", "Rip", "Symbol", "Rsp", "How", "Notes")
+
 PLUGIN_COLUMNS = (
     "PID",
     "TID",
@@ -170,6 +174,10 @@ def thread_record(common: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]
         {column: child.get(column) for column in PLUGIN_COLUMNS}
         for child in row.get("__children", [])
     ]
+    if STACK_KEY in row:
+        record["stack"] = [
+            {column: frame.get(column) for column in STACK_COLUMNS} for frame in row[STACK_KEY]
+        ]
     return record
 
 

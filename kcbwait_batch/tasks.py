@@ -41,6 +41,8 @@ class ImageTask:
     options: dict[str, Any] = field(default_factory=dict)
     framework: FrameworkConfig = field(default_factory=FrameworkConfig)
     sha256: bool = False
+    stacks: bool = False
+    """Also walk each listed thread's call stack (windows.kcbstack)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class ImageTask:
             "options": self.options,
             "framework": self.framework.to_json(),
             "sha256": self.sha256,
+            "stacks": self.stacks,
         }
 
     @classmethod
@@ -57,6 +60,7 @@ class ImageTask:
             options=dict(data.get("options", {})),
             framework=FrameworkConfig.from_json(data.get("framework", {})),
             sha256=bool(data.get("sha256", False)),
+            stacks=bool(data.get("stacks", False)),
         )
 
 
@@ -101,6 +105,7 @@ def execute(task: ImageTask, emit: EventCallback) -> records.ImageOutcome:
             task.framework,
             task.options,
             on_stage=lambda stage: emit({"stage": stage}),
+            stacks=task.stacks,
         )
     except framework_runner.ImageError as error:
         return _failure(str(error), sha256, started)
