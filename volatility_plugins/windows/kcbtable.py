@@ -103,9 +103,9 @@ class KcbTable(interfaces.plugins.PluginInterface):
                     100.0 * index / len(processes),
                     f"Checking the callback tables of PID {info.summary.pid}",
                 )
-            instrumentation = catalog.instrumentation_callback(info)
+            instrumentation = catalog.tables.instrumentation_callback(info)
             for bits in (64, 32):
-                table = catalog.process_table(info, bits)
+                table = catalog.tables.process_table(info, bits)
                 if table is None and not (bits == 64 and instrumentation is not None):
                     continue
                 yield cls._table_result(context, info, catalog, table, bits, instrumentation)
@@ -150,7 +150,7 @@ class KcbTable(interfaces.plugins.PluginInterface):
             outside=tuple(outside),
             instrumentation_callback=instrumentation if bits == 64 else None,
             instrumentation_target=(
-                catalog.where(info, instrumentation)
+                catalog.tables.where(info, instrumentation)
                 if bits == 64 and instrumentation is not None
                 else None
             ),

@@ -179,7 +179,7 @@ class ThreadAnalyzer:
 
         levels = self._levels(info, fields, stack, user_frame, ntdll, found)
         sym = self._catalog.symbolizer(info)
-        table = self._catalog.process_table(info)
+        table = self._catalog.tables.process_table(info)
         if table is not None and table.table == 0:
             table = None  # no table to check (a process that never loaded user32)
         callbacks = tuple(self._callback(info, level, sym, table, found) for level in levels)
@@ -191,7 +191,7 @@ class ThreadAnalyzer:
         frames_found = sum(1 for level in levels if level.is_frame)
         notes = findings.ThreadNotes(
             foreign=foreign,
-            instrumentation_callback=self._catalog.instrumentation_finding(info),
+            instrumentation_callback=self._catalog.tables.instrumentation_finding(info),
             kernel_stack_not_resident=stack.status is findings.KernelStackStatus.NOT_RESIDENT,
             no_user_trap_frame=(
                 stack.status is not findings.KernelStackStatus.NOT_RESIDENT and user_frame is None
@@ -420,7 +420,7 @@ class ThreadAnalyzer:
             api_number = level.frame.api_number
             if table is not None and api_number < MAX_CALLBACK_TABLE_ENTRIES:
                 entry = table.entry(api_number, handler)
-            name = self._catalog.callback_name(info, api_number)
+            name = self._catalog.tables.callback_name(info, api_number)
         found.unreadable.update(unreadable)
         found.invalid.update(invalid)
         return results.CallbackResult(

@@ -120,7 +120,7 @@ def walk(
         data = stack_reader.read(address, 4) if stack_reader is not None else None
         return struct.unpack("<I", data)[0] if data is not None else None
 
-    vads = catalog.vads(info)
+    vads = catalog.tables.vads(info)
 
     def symbolize32(address: int) -> str | None:
         for region in vads:
