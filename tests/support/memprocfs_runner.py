@@ -1,6 +1,6 @@
 """Run MemProcFS on one image and print what it reads as JSON (one object on stdout).
 
-python memprocfs_runner.py IMAGE [--callstacks TID,TID,...] [--verbose]
+python memprocfs_runner.py IMAGE [--callstacks TID,TID,...] [--summary] [--verbose]
 
 Runs in its own process (tests/support/memprocfs_peer.py starts it with LD_LIBRARY_PATH set
 for leechcore and libusb), so a crash in the native library cannot take pytest down.  Output:
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image")
     parser.add_argument("--callstacks", default="", help="comma-separated TIDs")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--summary", action="store_true", help="counts and timings only (the benchmark)"
+    )
     args = parser.parse_args(argv)
     try:
         import memprocfs
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         "callstacks_seconds": callstacks_seconds,
     }
     vmm.close()
+    if args.summary:
+        out["processes"] = len(processes)
+        out["threads"] = sum(len(p["threads"]) for p in processes)
+        out["callstacks"] = {
+            "count": len(callstacks),
+            "frames": sum(len(f) for f in callstacks.values() if isinstance(f, list)),
+        }
     json.dump(out, sys.stdout, default=str)
     sys.stdout.write("\n")
     return 0
