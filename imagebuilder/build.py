@@ -155,6 +155,7 @@ class ImageBuilder:
     def build(self) -> BuiltImage:
         k, sym, scenario = self.kernel, self.symbols, self.scenario
         system = self._system_process()
+        k.write_system_process(system.eprocess)
         built = [system]
         for proc in scenario.processes:
             built.append(build_user_process(self.ctx, proc))

@@ -7,6 +7,12 @@ PsActiveProcessHead +0x28, MachineImageType +0x30, NumberProcessors +0x34, BugCh
 KdDebuggerDataBlock +0x80, PhysicalMemoryBlockBuffer +0x88 (NumberOfRuns ULONG, NumberOfPages
 ULONG64 at +0x90, runs of {BasePage, PageCount} from +0x98), DumpType +0xF98,
 RequiredDumpSpace +0xFA0, SystemTime +0xFA8.  Page data follows the header, run after run.
+
+The runs are the machine's physical memory map, as Windows writes them: conventional memory
+below 640 KiB (page 0 and the legacy hole 0xA0000-0xFFFFF left out), then everything from
+1 MiB up.  Readers hold few runs (LeechCore, and so MemProcFS, refuses more than 32), so a
+complete dump never lists the used pages one run each.  Zero pages are written as holes of a
+sparse file, so the dump costs the disk what the raw image costs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ if TYPE_CHECKING:
 
 HEADER_SIZE = 0x2000
 _RUNS_OFFSET = 0x98
-_MAX_RUNS = (0xF00 - _RUNS_OFFSET) // 16  # the run array must end before Exception (+0xF00)
+_MAX_RUNS = 32  # _PHYSICAL_MEMORY_MAX_RUNS as dump readers (LeechCore) size the array
+_LOW_MEMORY = (1, 0x9F)  # pages 0x1000-0x9FFFF: conventional memory, the real-mode IVT page out
+_HIGH_MEMORY_PFN = 0x100  # 1 MiB
 
 
 def physical_runs(pfns: list[int], max_runs: int = _MAX_RUNS) -> list[tuple[int, int]]:
@@ -41,9 +49,19 @@ def physical_runs(pfns: list[int], max_runs: int = _MAX_RUNS) -> list[tuple[int,
     return [(a, b) for a, b in runs]
 
 
+def memory_map(size: int, pfns: list[int]) -> list[tuple[int, int]]:
+    """The physical memory runs of a machine with ``size`` bytes of RAM: [1, 0x9F] and
+    1 MiB up; runs over the used pages (merged to at most 32) if some lie outside it."""
+    runs = [_LOW_MEMORY, (_HIGH_MEMORY_PFN, size // PAGE - _HIGH_MEMORY_PFN)]
+    low_end = _LOW_MEMORY[0] + _LOW_MEMORY[1]
+    if all(_LOW_MEMORY[0] <= pfn < low_end or pfn >= _HIGH_MEMORY_PFN for pfn in pfns):
+        return runs
+    return physical_runs(pfns)
+
+
 def write_crash_dump(path: Path, image: BuiltImage) -> None:
     memory = image.memory
-    runs = physical_runs(list(memory.pages))
+    runs = memory_map(memory.size, list(memory.pages))
     total = sum(count for _, count in runs)
     header = bytearray(HEADER_SIZE)
     # Unused header space holds the 'PAGE' fill pattern, as Windows writes it.
@@ -63,7 +81,12 @@ def write_crash_dump(path: Path, image: BuiltImage) -> None:
     zero = bytes(PAGE)
     with open(path, "wb") as handle:
         handle.write(header)
+        handle.truncate(HEADER_SIZE + total * PAGE)
+        offset = HEADER_SIZE
         for base, count in runs:
-            for pfn in range(base, base + count):
-                page = memory.pages.get(pfn)
-                handle.write(bytes(page) if page is not None else zero)
+            for pfn in sorted(p for p in memory.pages if base <= p < base + count):
+                page = memory.pages[pfn]
+                if page != zero:
+                    handle.seek(offset + (pfn - base) * PAGE)
+                    handle.write(bytes(page))
+            offset += count * PAGE

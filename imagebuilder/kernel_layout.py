@@ -19,10 +19,34 @@ KUSER_SHARED_DATA_USER = 0x7FFE0000
 KERNEL_BASE = 0xFFFFF8063A000000  # 2 MiB aligned, as the low-stub search expects
 POOL_START = 0xFFFFB00F00000000
 STACKS_START = 0xFFFFD00A00000000
+LARGE_PAGE = 0x200000
 KERNEL_STACK_SIZE = 0x6000  # KERNEL_STACK_SIZE on x64 Windows
+# Further kernel regions every Windows 10 machine has mapped, each in its own PML4 slot: the
+# paged pool, the PFN database (MmPfnDatabase) and the HAL heap at the top of the address
+# space.  With the regions above and the self-map they give the System PML4 the shape of a
+# real one (MemProcFS checks for at least six supervisor kernel-half entries before it trusts
+# a DTB it did not find through the low stub, e.g. the one a crash dump header names).
+PAGED_POOL_START = 0xFFFFC50000000000
+PFN_DATABASE = 0xFFFFE58000000000
+HAL_HEAP = 0xFFFFFFFFFFC00000
 _USED_PML4_SLOTS = {
-    (a >> 39) & 0x1FF for a in (KUSER_SHARED_DATA, KERNEL_BASE, POOL_START, STACKS_START)
+    (a >> 39) & 0x1FF
+    for a in (
+        KUSER_SHARED_DATA,
+        KERNEL_BASE,
+        POOL_START,
+        STACKS_START,
+        PAGED_POOL_START,
+        PFN_DATABASE,
+        HAL_HEAP,
+    )
 }
+# Exported data of ntoskrnl.exe the builder places: MemProcFS finds the System EPROCESS
+# through the PsInitialSystemProcess export before it turns to symbols.
+_KERNEL_EXPORTS = ("KeNumberProcessors", "PsInitialSystemProcess", "PsLoadedModuleList")
+
+# IMAGE_SCN_CNT_CODE | MEM_NOT_PAGED | MEM_EXECUTE | MEM_READ: ntoskrnl's POOLCODE section.
+SCN_NONPAGED_CODE = 0x68000020
 
 # PROCESSOR_START_BLOCK (WRK amd64.h): Jmp {0xE9, offset}, CompletionFlag = 1 at +4,
 # LmTarget at +0x70, ProcessorState.SpecialRegisters.Cr3 at +0xA0.
@@ -101,6 +125,8 @@ class Kernel:
         self._pool_next = POOL_START
         self._stack_next = STACKS_START
         self._map_kuser_shared_data()
+        for region in (PAGED_POOL_START, PFN_DATABASE, HAL_HEAP):
+            self.space.ensure(region, PAGE)
         self._write_kernel_image()
         self._write_low_stub()
         if self.symbols.has_symbol("MmProtectToValue"):
@@ -125,12 +151,33 @@ class Kernel:
     def _write_kernel_image(self) -> None:
         top = max([self.symbols.symbol_rva(n) for n in self.globals_used()] + [0x10000])
         size = (top + 0x10000 + PAGE - 1) & ~(PAGE - 1)
-        image = new_image("ntoskrnl.exe", size, [(".text", 0x1000, "code")])
+        # The first sections of a real ntoskrnl.exe: .text, then the non-paged POOLCODE code
+        # section (MemProcFS recognises the kernel image by that section name).
+        image = new_image(
+            "ntoskrnl.exe",
+            size,
+            [(".text", 0x1000, "code"), ("POOLCODE", 0x2000, "code"), (".edata", 0x3000, "rdata")],
+        )
+        image.section("POOLCODE").characteristics = SCN_NONPAGED_CODE
+        image.put("POOLCODE", 0x2000, b"\xc3")
+        image.exports = {
+            name: self.symbols.symbol_rva(name)
+            for name in _KERNEL_EXPORTS
+            if self.symbols.has_symbol(name)
+        }
+        if image.exports:
+            image.build_exports(".edata", 0x3000)
         image.dll = False
         image.codeview = (self.symbols.guid, self.symbols.age, self.symbols.pdb_name)
         image.put(".text", 0x1000, b"\x48\x83\xec\x28\xcc")  # KiSystemStartup stand-in
         data = set_image_base(bytes(image), KERNEL_BASE)
-        self.space.write(KERNEL_BASE, data[: 2 * PAGE])
+        self.space.write(KERNEL_BASE, data[: 4 * PAGE])
+        # ntoskrnl is resident as a whole (Windows maps it with 2 MiB large pages); the builder
+        # backs only the pages it writes, plus the first page of every 2 MiB of the image, so
+        # that a reader scanning back from a kernel address (a crash dump header's
+        # PsActiveProcessHead) to the MZ header finds each 2 MiB of the image readable.
+        for offset in range(0, size, LARGE_PAGE):
+            self.space.ensure(KERNEL_BASE + offset, PAGE)
 
     def _write_low_stub(self) -> None:
         stub = bytearray(PAGE)
@@ -198,6 +245,7 @@ class Kernel:
     def globals_used(self) -> list[str]:
         names = ["PsActiveProcessHead"]
         for name in (
+            "PsInitialSystemProcess",
             "KeUserCallbackDispatcher",
             "PsNtdllExports",
             "MmProtectToValue",
@@ -211,6 +259,13 @@ class Kernel:
 
     def symbol_address(self, name: str) -> int:
         return KERNEL_BASE + self.symbols.symbol_rva(name)
+
+    def write_system_process(self, eprocess: int) -> None:
+        """PsInitialSystemProcess: the System EPROCESS, as the kernel sets it at phase 0."""
+        if self.symbols.has_symbol("PsInitialSystemProcess"):
+            self.space.write(
+                self.symbol_address("PsInitialSystemProcess"), struct.pack("<Q", eprocess)
+            )
 
     def write_dispatcher_globals(self, dispatcher: int, dispatcher_return: int) -> None:
         """Where KeUserModeCallback finds ntdll!KiUserCallbackDispatcher (callback-machinery.md)."""

@@ -1,7 +1,9 @@
-"""Benchmark: windows.kcbwait against windows.threads (and windows.suspended_threads).
+"""Benchmark: windows.kcbwait against windows.threads (and windows.suspended_threads), with
+MemProcFS beside them.
 
     .venv/bin/python scripts/bench_plugins.py [--threads 1000 5000 20000]
-        [--shares 0.01 0.2] [--runs 3] [--profile lab] [--out build/bench]
+        [--shares 0.01 0.2] [--runs 3] [--profile 19041] [--out build/bench]
+        [--plugins kcbwait threads suspended_threads memprocfs]
 
 For each builder image (processes and threads per process scaled together, a share of the
 threads inside callbacks) and each plugin, alternating plugins within each run:
@@ -9,6 +11,12 @@ threads inside callbacks) and each plugin, alternating plugins within each run:
 2. analysis only: in a fresh interpreter, Volatility's automagic runs untimed, then only the
    TreeGrid population is timed (so the shared kernel-finding cost does not hide the
    plugin's own).
+MemProcFS (the peer engine, tests/support/memprocfs_runner.py in a child process, offline)
+on the same images in the same runs: end to end is the child's wall time and peak RSS;
+"init" is opening the image (Vmm with -waitinitialize: kernel, processes); "analysis" is
+thread enumeration with the trap frames' Rip/Rsp of every process plus the call stacks of
+the callback threads (the truth file names them), the two also shown apart.  MemProcFS reads
+only kernels its info.db knows: a real-table profile other than 20348, not the lab table.
 Medians over the runs go to OUT/results.md (a Markdown table with the ratio kcbwait/threads)
 and OUT/results.json; OUT/plugins.png plots threads against seconds, one line per plugin.
 """
@@ -34,6 +42,19 @@ PLUGINS = {
     "threads": "windows.threads.Threads",
     "suspended_threads": "windows.suspended_threads.SuspendedThreads",
 }
+# Volatility plugins of this project that join the benchmark once their file exists
+# (windows.kcbstack: docs/output-contract.md; measured like kcbwait when present).
+OPTIONAL_PLUGINS = {
+    "kcbstack": (
+        "windows.kcbstack.KcbStack",
+        ROOT / "volatility_plugins" / "windows" / "kcbstack.py",
+    ),
+}
+for _name, (_plugin, _source) in OPTIONAL_PLUGINS.items():
+    if _source.exists():
+        PLUGINS[_name] = _plugin
+# Engines other than Volatility, measured by their own runner.
+PEERS = ("memprocfs",)
 
 
 def shape(threads: int) -> tuple[int, int]:
@@ -61,7 +82,16 @@ def build_images(sizes: list[int], shares: list[float], profile_name: str, out: 
                 data = generate_scenario(processes, per_process, share, seed=size)
                 image = build_image(parse_scenario(data), symbols, profile.build)
                 image.write(out / "images", stem, ("raw",))
-            images.append({"threads": processes * per_process, "share": share, "raw": raw})
+            truth = json.loads((out / "images" / f"{stem}.truth.json").read_text())
+            callbacks = [t["tid"] for t in truth["threads"] if t["nesting_level"]]
+            images.append(
+                {
+                    "threads": processes * per_process,
+                    "share": share,
+                    "raw": raw,
+                    "callbacks": callbacks,
+                }
+            )
     return images, profile.symbols_dir
 
 
@@ -98,6 +128,28 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+def run_memprocfs(image: dict) -> tuple[float, float, dict]:
+    """(wall seconds, peak RSS MiB, the runner's timings) of MemProcFS on one image."""
+    from tests.support import memprocfs_peer
+
+    peer = memprocfs_peer.environment()
+    command = [peer.python, str(memprocfs_peer.RUNNER), str(image["raw"]), "--summary"]
+    if image["callbacks"]:
+        command += ["--callstacks", ",".join(map(str, image["callbacks"]))]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        command, env=peer.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    data = json.loads(lines[-1]) if lines else {"error": f"no output: {out[-500:]}"}
+    if os.waitstatus_to_exitcode(status) or "error" in data:
+        raise RuntimeError(f"MemProcFS failed on {image['raw']}: {data.get('error')}")
+    return wall, usage.ru_maxrss / 1024, data
+
+
 def analysis_child(image: str, plugin: str, symbols: str, cache: str) -> None:
     """Child mode: automagic untimed, then time the TreeGrid population only."""
     from kcbwait_batch import framework_runner as fr
@@ -128,11 +180,39 @@ def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -
     results = []
     for image in images:
         samples: dict[str, dict[str, list[float]]] = {
-            p: {"e2e": [], "e2e_rss": [], "analysis": [], "analysis_rss": []} for p in plugins
+            p: {
+                "e2e": [],
+                "e2e_rss": [],
+                "analysis": [],
+                "analysis_rss": [],
+                "init": [],
+                "threads": [],
+                "callstacks": [],
+            }
+            for p in plugins
         }
         for run in range(runs):
             order = plugins if run % 2 == 0 else list(reversed(plugins))
             for name in order:
+                if name == "memprocfs":
+                    wall, rss, data = run_memprocfs(image)
+                    s = samples[name]
+                    s["e2e"].append(wall)
+                    s["e2e_rss"].append(rss)
+                    s["init"].append(data["init_seconds"])
+                    s["threads"].append(data["threads_seconds"])
+                    s["callstacks"].append(data["callstacks_seconds"])
+                    s["analysis"].append(data["threads_seconds"] + data["callstacks_seconds"])
+                    s["analysis_rss"].append(rss)
+                    print(
+                        f"  {image['threads']:>6} threads {image['share']:>4.0%} {name:<18} "
+                        f"run {run + 1}: e2e {wall:6.2f}s {rss:6.0f} MiB, init "
+                        f"{data['init_seconds']:6.2f}s, threads {data['threads_seconds']:6.2f}s,"
+                        f" {len(image['callbacks'])} call stacks "
+                        f"{data['callstacks_seconds']:6.2f}s",
+                        flush=True,
+                    )
+                    continue
                 plugin = PLUGINS[name]
                 wall, rss = run_measured(vol_command(image["raw"], plugin, symbols, cache))
                 samples[name]["e2e"].append(wall)
@@ -171,6 +251,11 @@ def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -
                     "analysis_s": statistics.median(s["analysis"]),
                     "analysis_rss_mib": max(s["analysis_rss"]),
                     "runs": runs,
+                    **{
+                        f"{part}_s": statistics.median(s[part])
+                        for part in ("init", "threads", "callstacks")
+                        if s[part]
+                    },
                 }
             )
     return results
@@ -179,8 +264,9 @@ def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -
 def table(results: list[dict]) -> str:
     lines = [
         "| threads | in callbacks | plugin | end to end (s) | peak RSS (MiB) "
-        "| analysis (s) | analysis us/thread | analysis kcbwait/threads | RSS kcbwait/threads |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| analysis (s) | analysis us/thread | analysis kcbwait/threads | RSS kcbwait/threads "
+        "| init (s) | thread list (s) | call stacks (s) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     index = {(r["threads"], r["share"], r["plugin"]): r for r in results}
     for r in results:
@@ -192,7 +278,12 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['threads']} | {r['share']:.0%} | {r['plugin']} | {r['e2e_s']:.2f} "
             f"| {r['e2e_rss_mib']:.0f} | {r['analysis_s']:.2f} "
-            f"| {1e6 * r['analysis_s'] / r['threads']:.0f} | {ratio} | {rss_ratio} |"
+            f"| {1e6 * r['analysis_s'] / r['threads']:.0f} | {ratio} | {rss_ratio} "
+            + "".join(
+                f"| {r[part]:.2f} " if part in r else "| "
+                for part in ("init_s", "threads_s", "callstacks_s")
+            )
+            + "|"
         )
     return "\n".join(lines) + "\n"
 
@@ -209,7 +300,7 @@ def plot(results: list[dict], path: Path) -> bool:
     shares = sorted({r["share"] for r in results})
     fig, axes = plt.subplots(1, len(shares), figsize=(6 * len(shares), 4.5), squeeze=False)
     for ax, share in zip(axes[0], shares, strict=True):
-        for plugin in PLUGINS:
+        for plugin in [*PLUGINS, *PEERS]:
             points = sorted(
                 (r["threads"], r["analysis_s"])
                 for r in results
@@ -244,10 +335,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.2])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=list(PLUGINS))
-    parser.add_argument("--profile", default="lab")
+    parser.add_argument(
+        "--plugins", nargs="+", default=[*PLUGINS, *PEERS], choices=[*PLUGINS, *PEERS]
+    )
+    parser.add_argument(
+        "--profile", default="19041", help="lab or a real table (MemProcFS: not lab, 20348)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
     args = parser.parse_args()
+    if "memprocfs" in args.plugins and args.profile in ("lab", "20348"):
+        print(f"MemProcFS has no structure offsets for profile {args.profile}: left out")
+        args.plugins = [p for p in args.plugins if p != "memprocfs"]
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "cache"
     cache.mkdir(exist_ok=True)
@@ -266,9 +364,11 @@ def main() -> None:
     ).stdout
     listing = json.loads(built.strip().splitlines()[-1])
     images = [{**i, "raw": Path(i["raw"])} for i in listing["images"]]
+    volatility = [p for p in args.plugins if p in PLUGINS]
     symbols = Path(listing["symbols"])
     # One untimed run fills Volatility's symbol identifier cache.
-    run_measured(vol_command(images[0]["raw"], PLUGINS["threads"], symbols, cache))
+    if volatility:
+        run_measured(vol_command(images[0]["raw"], PLUGINS["threads"], symbols, cache))
     results = measure(images, symbols, args.plugins, args.runs, cache)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)

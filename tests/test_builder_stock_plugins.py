@@ -13,7 +13,8 @@ from tests.support.volrun import run_plugin
 
 FORMATS = ["raw", "dmp"]
 # tables: hijacked callback tables, WoW64 processes, instrumentation callbacks.
-SCENARIOS = ["basic", "tables"]
+# population: the standard image, a real machine's process population (MemProcFS reads it).
+SCENARIOS = ["basic", "tables", "population"]
 # Volatility reports kernel addresses masked to the 48 bits the x64 layer translates.
 ADDRESS_MASK = (1 << 48) - 1
 
