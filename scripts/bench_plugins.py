@@ -1,9 +1,9 @@
-"""Benchmark: windows.kcbwait against windows.threads (and windows.suspended_threads), with
-MemProcFS beside them.
+"""Benchmark: windows.kcbwait and windows.kcbstack against windows.threads (and
+windows.suspended_threads), with MemProcFS beside them.
 
     .venv/bin/python scripts/bench_plugins.py [--threads 1000 5000 20000]
         [--shares 0.01 0.2] [--runs 3] [--profile 19041] [--out build/bench]
-        [--plugins kcbwait threads suspended_threads memprocfs]
+        [--plugins kcbwait kcbstack threads suspended_threads memprocfs]
 
 For each builder image (processes and threads per process scaled together, a share of the
 threads inside callbacks) and each plugin, alternating plugins within each run:
@@ -17,7 +17,8 @@ on the same images in the same runs: end to end is the child's wall time and pea
 thread enumeration with the trap frames' Rip/Rsp of every process plus the call stacks of
 the callback threads (the truth file names them), the two also shown apart.  MemProcFS reads
 only kernels its info.db knows: a real-table profile other than 20348, not the lab table.
-Medians over the runs go to OUT/results.md (a Markdown table with the ratio kcbwait/threads)
+Medians over the runs go to OUT/results.md (a Markdown table with the ratios kcbwait/threads
+and kcbstack/threads)
 and OUT/results.json; OUT/plugins.png plots threads against seconds, one line per plugin.
 """
 
@@ -39,20 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 PLUGINS = {
     "kcbwait": "windows.kcbwait.KcbWait",
+    "kcbstack": "windows.kcbstack.KcbStack",
     "threads": "windows.threads.Threads",
     "suspended_threads": "windows.suspended_threads.SuspendedThreads",
 }
-# Volatility plugins of this project that join the benchmark once their file exists
-# (windows.kcbstack: docs/output-contract.md; measured like kcbwait when present).
-OPTIONAL_PLUGINS = {
-    "kcbstack": (
-        "windows.kcbstack.KcbStack",
-        ROOT / "volatility_plugins" / "windows" / "kcbstack.py",
-    ),
-}
-for _name, (_plugin, _source) in OPTIONAL_PLUGINS.items():
-    if _source.exists():
-        PLUGINS[_name] = _plugin
+# Plugins of this project: their analysis is compared with windows.threads'.
+OURS = ("kcbwait", "kcbstack")
 # Engines other than Volatility, measured by their own runner.
 PEERS = ("memprocfs",)
 
@@ -264,7 +257,7 @@ def measure(images, symbols: Path, plugins: list[str], runs: int, cache: Path) -
 def table(results: list[dict]) -> str:
     lines = [
         "| threads | in callbacks | plugin | end to end (s) | peak RSS (MiB) "
-        "| analysis (s) | analysis us/thread | analysis kcbwait/threads | RSS kcbwait/threads "
+        "| analysis (s) | analysis us/thread | analysis / threads' | RSS / threads' "
         "| init (s) | thread list (s) | call stacks (s) |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -272,7 +265,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         base = index.get((r["threads"], r["share"], "threads"))
         ratio = rss_ratio = ""
-        if r["plugin"] == "kcbwait" and base:
+        if r["plugin"] in OURS and base:
             ratio = f"{r['analysis_s'] / base['analysis_s']:.2f}"
             rss_ratio = f"{r['e2e_rss_mib'] / base['e2e_rss_mib']:.2f}"
         lines.append(

@@ -11,7 +11,7 @@ from tests.conftest import ALL_PROFILES
 from tests.support.volrun import run_plugin
 
 PLUGIN = "windows.kcbstack.KcbStack"
-SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols", "stacks"]
+SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols", "population", "stacks"]
 COLUMNS = {
     "Frame": "frame",
     "CallbackLevel": "callback_level",
