@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from imagebuilder import damage, executive, truth
+from imagebuilder import damage, executive, stack_truth, truth
 from imagebuilder.crashdump import write_crash_dump
 from imagebuilder.damage_spec import ForeignThread
 from imagebuilder.expectation import ImageFacts
@@ -247,6 +247,7 @@ class ImageBuilder:
                     notes="no user-mode trap frame",
                 )
                 | {"table": None}  # no PEB, no callback table
+                | {"stack": stack_truth.single_row("no user-mode trap frame")}
             )
         executive.write_eprocess(
             k,
