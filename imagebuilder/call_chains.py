@@ -26,9 +26,7 @@ def shape_of(modules: list[ModuleImage], address: int) -> FrameShape:
     begin = module.functions.entry(rva)
     assert begin is not None, f"{module.name}+{rva:#x} is in no RUNTIME_FUNCTION"
     primary = module.functions.primary(rva)
-    sets_rbp = any(
-        r == primary and f.sets_rbp for r, f in module.stack_functions.values()
-    )
+    sets_rbp = any(r == primary and f.sets_rbp for r, f in module.stack_functions.values())
     return frame_shape(module.unwind_ops[begin], sets_rbp)
 
 
@@ -59,9 +57,7 @@ def dispatch_routine(gap: int, choice: int) -> str:
     return sf.DISPATCH_HUGE
 
 
-def level_zero(
-    modules: list[ModuleImage], exe: ModuleImage, stub: int
-) -> Chain:
+def level_zero(modules: list[ModuleImage], exe: ModuleImage, stub: int) -> Chain:
     ntdll = _named(modules, "ntdll.dll")
     kernel32 = _named(modules, "kernel32.dll")
     user32 = _named(modules, "user32.dll")

@@ -47,6 +47,7 @@ from imagebuilder.tables_spec import table_owner
 from imagebuilder.thread_layout import StackFacts, lay_out_kernel_thread, lay_out_user_thread
 from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
 from imagebuilder.wow64_layout import Wow64Side, lay_out_wow64_side
+from imagebuilder.wow64_stack import WOW64_TLS_CPURESERVED, lay_out_wow64_stack, wow64_rows
 
 STATE_WAITING, STATE_TERMINATED = "Waiting", "Terminated"
 
@@ -116,9 +117,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         name, function = proc.damage.unwind_info_corrupt
         module = layout.module_named(name)
         assert module is not None, name
-        begins = damage.damage_unwind_data(
-            k.memory, space, module, "unwind_info_corrupt", function
-        )
+        begins = damage.damage_unwind_data(k.memory, space, module, "unwind_info_corrupt", function)
         corrupt = {(module.name, b) for b in begins}
     call_sites = set().union(*(call_chains.call_returns(m) for m in [layout.exe, *modules]))
     if dispatcher_return != ctx.dispatcher_return:
@@ -137,9 +136,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     owner = ctx.module(owner_name) if owner_name else None
     table = 0
     if owner is not None:
-        table = place_table(
-            layout, private, k.memory, owner, proc.tables.location, ctx.table_size
-        )
+        table = place_table(layout, private, k.memory, owner, proc.tables.location, ctx.table_size)
         override_entries(layout, private, table, proc.callback_overrides)
     layout.callback_table = damage.callback_table_value(
         proc.damage.kernel_callback_table, table, space
@@ -196,6 +193,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
                 handler,
                 dispatcher_return,
                 unwind,
+                (side, index) if side is not None else None,
             )
         else:
             record, stack, state, wait_reason, exit_time = _kernel_only_thread(
@@ -436,6 +434,7 @@ def _user_thread(
     handler: HandlerLookup,
     dispatcher_return: int,
     unwind: ProcessUnwind,
+    wow64_side: tuple[Wow64Side, int] | None = None,
 ):
     k = ctx.kernel
     space = StackShadow(layout.space, stack_base - USER_STACK_RESERVE, stack_base)
@@ -510,6 +509,10 @@ def _user_thread(
         if table:
             ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
     _record_targets(ctx, space, teb, facts)
+    wow64_stack = None
+    if wow64_side is not None:
+        side, index = wow64_side
+        wow64_stack = lay_out_wow64_stack(k, layout.space, layout.vads, teb, index, side.images)
     exp = _expectation(proc, thread, space, teb, facts)
     exp.instrumentation = layout.thread_note
     if facts.resting_frame:
@@ -535,7 +538,11 @@ def _user_thread(
         if frame.address not in {f.frame for f in facts.frames}:
             ctx.regions.add_target("stale_ucallout_frame", space, frame.address - 8, 0x60)
     record = thread_record(exp, ctx.facts, modules, handler)
-    record["stack"] = stack_truth.stack_rows(exp, space, facts.trap_rbps, ctx.facts, unwind)
+    rows32 = None
+    if wow64_stack is not None:
+        tls = teb + k.symbols.offset("_TEB", "TlsSlots") + 8 * WOW64_TLS_CPURESERVED
+        rows32 = wow64_rows(wow64_stack, tls, exp.readable, wow64_side[0].images)
+    record["stack"] = stack_truth.stack_rows(exp, space, facts.trap_rbps, ctx.facts, unwind, rows32)
     return record, stack, exp.state, thread.wait_reason, 0
 
 

@@ -105,7 +105,9 @@ def pushes_then_alloc(
         push_offsets.append((offset, r))
     alloc_at = len(prologue)
     codes.append(
-        alloc_small(alloc_at, allocation) if allocation <= 0x80 else alloc_large(alloc_at, allocation)
+        alloc_small(alloc_at, allocation)
+        if allocation <= 0x80
+        else alloc_large(alloc_at, allocation)
     )
     codes += [push_nonvol(o, r) for o, r in reversed(push_offsets)]
     frame = allocation + 8 * len(registers)
@@ -128,9 +130,7 @@ def pushes_then_alloc(
     )
 
 
-def frame_pointer_function(
-    name: str, allocation: int, fp: int, sites: list
-) -> StackFunction:
+def frame_pointer_function(name: str, allocation: int, fp: int, sites: list) -> StackFunction:
     """push rbp; sub rsp, N; lea rbp, [rsp+fp]: UWOP_PUSH_NONVOL rbp, UWOP_ALLOC_SMALL N,
     UWOP_SET_FPREG with FrameRegister rbp and FrameOffset fp / 16 (non-zero)."""
     assert fp % 16 == 0 and 0 < fp <= allocation and (allocation + 8) % 16 == 8

@@ -263,7 +263,9 @@ class _Walk:
             user = self.exp.frame_at(lv.frame)
             rip = user.rip if user is not None else lv.trap_rip
             rsp = user.rsp if user is not None else None
-            row = self.emit(rip, rsp, "callback frame (kernel)", level - 1, {RBP: self.rbps[level - 1]})
+            row = self.emit(
+                rip, rsp, "callback frame (kernel)", level - 1, {RBP: self.rbps[level - 1]}
+            )
             level -= 1
             if rsp is not None:
                 return row, level
@@ -287,5 +289,9 @@ def stack_rows(
     rows = [r.record(unwind.symbols) for r in _Walk(exp, shadow, trap_rbps, image, unwind).run()]
     if wow64 is not None:
         for row in wow64():
+            if set(row) == {"notes"}:  # a note for the last row (the context unreadable)
+                last = rows[-1]
+                last["notes"] = "; ".join(n for n in (last["notes"], row["notes"]) if n)
+                continue
             rows.append({**row, "frame": len(rows)})
     return rows

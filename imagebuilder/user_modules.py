@@ -9,21 +9,21 @@ win32u_image.py and user32_image.py shape those three like Microsoft's own
 
 from __future__ import annotations
 
+from imagebuilder import stack_functions
 from imagebuilder.codeview import (
     DEBUG_DIRECTORY_SIZE,
     debug_directory_entry,
     pdb_path_for,
     rsds_record,
 )
-from imagebuilder import stack_functions
 from imagebuilder.function_table import FunctionTable
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_DEBUG
 from imagebuilder.module_image import ModuleImage, mapped
 from imagebuilder.ntdll_image import DECOY_EXPORT, NTDLL_BASE, NTDLL_SYSCALLS, build_ntdll
 from imagebuilder.pe_image import new_image
+from imagebuilder.unwind_info import ops_of, unwind_info
 from imagebuilder.user32_image import USER32_BASE, build_user32
 from imagebuilder.win32u_image import WIN32U_BASE, WIN32U_SYSCALLS, build_win32u
-from imagebuilder.unwind_info import ops_of, unwind_info
 from imagebuilder.x64_code import STUB_SIZE, SYSCALL_RETURN, code_size
 
 __all__ = [
