@@ -343,6 +343,26 @@ def _damage_summary(scenario: Scenario) -> list[dict[str, Any]]:
                     "kind": f"kernel_callback_table:{proc.damage.kernel_callback_table}",
                 }
             )
+        if proc.damage.unwind_data_paged_out:
+            items.append(
+                {
+                    "scope": "process",
+                    "pid": proc.pid,
+                    "kind": "unwind_data_paged_out",
+                    "module": proc.damage.unwind_data_paged_out,
+                }
+            )
+        if proc.damage.unwind_info_corrupt:
+            module, function = proc.damage.unwind_info_corrupt
+            items.append(
+                {
+                    "scope": "process",
+                    "pid": proc.pid,
+                    "kind": "unwind_info_corrupt",
+                    "module": module,
+                    "function": function,
+                }
+            )
         for thread in proc.threads:
             for item in thread.damage:
                 items.append(

@@ -320,3 +320,62 @@ def test_wow64_rows_follow_the_context_and_the_ebp_chain(built):
             value = struct.unpack("<I", reader.image.read(w["dtb"], row["rsp"] - 4, 4))[0]
             assert value == row["rip"] and row["callback_level"] is None
             assert row["symbol"].split("+")[0] in ("ntdll.dll", "user32.dll")
+
+
+def test_no_stray_return_addresses_on_healthy_stacks(built):
+    """Every qword on a healthy thread's stack (from its Rsp up to StackBase) that a scan would
+    take for a return address (a call site's return in one of the process's modules) is a
+    return slot of the walk: the Rsp of the frame it returns to is just above it."""
+    scenario, reader, truth = built
+    if scenario != "stacks":
+        pytest.skip("stacks.json has no stale frames")
+    where = reader.threads()
+    modules = _modules(reader, truth, where)
+    damaged = {d.get("tid") for d in truth["damage"] if d["scope"] == "thread"}
+    for thread in truth["threads"]:
+        rows = thread["stack"]
+        if thread["pid"] != 5100 or thread["tid"] in damaged:
+            continue
+        w = where[(thread["pid"], thread["tid"])]
+        teb = reader.kthread(w["ethread"], "Teb")
+        base = reader.field(teb, "_TEB", "NtTib.StackBase", w["dtb"])
+        slots = {r["rsp"] - 8 for r in rows if r["how"] in ("unwind", "scan")}
+        for page in range(rows[0]["rsp"] & ~0xFFF, base, 0x1000):
+            data = reader.image.read(w["dtb"], page, 0x1000)
+            if data is None:
+                continue  # a deep handler stack's untouched pages
+            for index, value in enumerate(struct.unpack("<512Q", data)):
+                slot = page + 8 * index
+                if slot < rows[0]["rsp"]:
+                    continue
+                module = next(
+                    (m for m in modules[thread["pid"]] if m.base <= value < m.base + m.size),
+                    None,
+                )
+                if module is not None and _after_call(module, value - module.base):
+                    assert slot in slots, (thread["tid"], hex(slot), hex(value))
+
+
+def test_damage_shows_in_the_image(built):
+    """The unwind damage kinds are in the image: .pdata pages absent in one process, a
+    version-4 UNWIND_INFO in another's copy of user32 only."""
+    scenario, reader, truth = built
+    if scenario != "stacks":
+        pytest.skip("stacks.json declares the unwind damage")
+    modules = _modules(reader, truth, reader.threads())
+    user32 = {p: m for p, mods in modules.items() for m in mods if m.name == "user32.dll"}
+    healthy, gone, corrupt = user32[5100], user32[5200], user32[5300]
+    pdata = healthy.pe.OPTIONAL_HEADER.DATA_DIRECTORY[3]
+    pages = range(pdata.VirtualAddress & ~0xFFF, pdata.VirtualAddress + pdata.Size, 0x1000)
+    assert all(p in healthy.present and p not in gone.present for p in pages)
+    changed = [f for f in healthy.functions if corrupt.data[f[2]] & 7 != healthy.data[f[2]] & 7]
+    assert changed and all(corrupt.data[f[2]] & 7 == 4 for f in changed)
+    records = {t["tid"]: t["stack"] for t in truth["threads"]}
+    assert "unreadable: unwind data" in records[5204][1]["notes"]
+    assert records[5204][2]["how"] == "scan"
+    assert records[5304][1]["notes"] == "invalid: unwind data"
+    assert records[5304][2]["how"] == "scan"
+    overwritten = next(r for r in records[5140] if r["rip"] == 0x4141414141414141)
+    after = records[5140][overwritten["frame"] + 1]
+    assert overwritten["symbol"] is None and overwritten["notes"] == "not in a module"
+    assert (after["how"], after["callback_level"]) == ("callback frame (kernel)", 0)
