@@ -39,18 +39,24 @@ class StackShadow:
 
     def write(self, address: int, data: bytes) -> None:
         self._space.write(address, data)
-        for index, byte in enumerate(data):
-            at = address + index
-            if self.low <= at < self.high:
-                page = self._pages.setdefault(at & ~(PAGE - 1), bytearray(PAGE))
-                page[at & (PAGE - 1)] = byte
+        start, end = max(address, self.low), min(address + len(data), self.high)
+        while start < end:
+            page_start = start & ~(PAGE - 1)
+            stop = min(end, page_start + PAGE)
+            page = self._pages.setdefault(page_start, bytearray(PAGE))
+            page[start - page_start : stop - page_start] = data[start - address : stop - address]
+            start = stop
 
     def written(self, address: int, size: int) -> bytes:
         """What was written at ``address`` (zero where nothing was: a fresh stack page)."""
         out = bytearray()
-        for at in range(address, address + size):
-            page = self._pages.get(at & ~(PAGE - 1))
-            out.append(page[at & (PAGE - 1)] if page is not None else 0)
+        at, end = address, address + size
+        while at < end:
+            page_start = at & ~(PAGE - 1)
+            stop = min(end, page_start + PAGE)
+            page = self._pages.get(page_start)
+            out += page[at - page_start : stop - page_start] if page else bytes(stop - at)
+            at = stop
         return bytes(out)
 
 
