@@ -478,7 +478,9 @@ def _user_thread(
     facts, stack = lay_out_user_thread(
         k,
         space,
-        ctx.rng,
+        # A generator of its own per thread: how one thread's chains look (a handler the
+        # builder has call sites for, or not) never shifts another thread's bytes.
+        random.Random(f"stack:{ctx.seed}:{proc.pid}:{thread.tid}"),
         stack_base=stack_base,
         syscall_rips=rips,
         chains=chains,
