@@ -262,7 +262,12 @@ def lay_out_user_thread(
             holes,
         )
         gap = frame - 8 - handler_rsp
-        assert gap >= plan.min_gaps.get(level, 0), (level, hex(gap))
+        if gap < plan.min_gaps.get(level, 0):
+            raise ValueError(
+                f"level {level}'s handler {handler:#x} has no frames the builder lays out"
+                f" (a leaf or foreign routine), so its locals cannot hold the"
+                f" {plan.min_gaps[level]:#x} bytes a condition needs"
+            )
         frames.append(
             FrameFact(
                 level,
