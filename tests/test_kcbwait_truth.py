@@ -16,7 +16,7 @@ from tests.support.volrun import run_plugin
 PLUGIN = "windows.kcbwait.KcbWait"
 # real-machine: tests/test_real_machine.py; tables: tests/test_kcbtable_truth.py;
 # symbols: tests/test_symbols_scenario.py
-SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols"]
+SCENARIOS = ["basic", "nt-only", "real-machine", "tables", "symbols", "stacks"]
 THREAD_COLUMNS = {"PID": "pid", "TID": "tid", "Process": "process", "Wow64": "wow64",
                   "Reason": "reason", "State": "state", "WaitReason": "wait_reason",
                   "NestingLevel": "nesting_level", "Rip": "rip", "Symbol": "symbol",
