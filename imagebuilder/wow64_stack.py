@@ -64,11 +64,15 @@ def lay_out_wow64_stack(
     for size in (0x30, 0x58, 0x24):
         cursor -= size & ~3
         ebps.append(cursor)
-    # ebps[0] is the outermost frame's Ebp (its saved Ebp is 0).
+    # ebps[0] is the outermost frame's Ebp: its saved Ebp is 0, or (every other thread) its
+    # saved Ebp is another frame's and its return address 0, either of which ends the chain.
     links = []
     for i, ebp in enumerate(ebps):
         saved = ebps[i - 1] if i else 0
-        links.append((ebp, saved, returns[i]))
+        ret = returns[i]
+        if i == 0 and index % 2:
+            saved, ret = base - 0x20, 0
+        links.append((ebp, saved, ret))
     for ebp, saved, ret in links:
         space.write(ebp, struct.pack("<II", saved, ret))
     innermost = ebps[-1]
