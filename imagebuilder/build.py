@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from imagebuilder import damage, executive, truth
+from imagebuilder import damage, executive, stack_truth, truth
 from imagebuilder.crashdump import write_crash_dump
 from imagebuilder.damage_spec import ForeignThread
 from imagebuilder.expectation import ImageFacts
@@ -248,6 +248,7 @@ class ImageBuilder:
                     notes="no user-mode trap frame",
                 )
                 | {"table": None}  # no PEB, no callback table
+                | {"stack": stack_truth.single_row("no user-mode trap frame")}
             )
         executive.write_eprocess(
             k,
@@ -341,6 +342,26 @@ def _damage_summary(scenario: Scenario) -> list[dict[str, Any]]:
                     "scope": "process",
                     "pid": proc.pid,
                     "kind": f"kernel_callback_table:{proc.damage.kernel_callback_table}",
+                }
+            )
+        if proc.damage.unwind_data_paged_out:
+            items.append(
+                {
+                    "scope": "process",
+                    "pid": proc.pid,
+                    "kind": "unwind_data_paged_out",
+                    "module": proc.damage.unwind_data_paged_out,
+                }
+            )
+        if proc.damage.unwind_info_corrupt:
+            module, function = proc.damage.unwind_info_corrupt
+            items.append(
+                {
+                    "scope": "process",
+                    "pid": proc.pid,
+                    "kind": "unwind_info_corrupt",
+                    "module": module,
+                    "function": function,
                 }
             )
         for thread in proc.threads:

@@ -153,14 +153,16 @@ def _stale_frame(
         frame = (rsp - size) & ~0xF
         bottom, top = facts.stack_limit + 8, rsp
     else:
-        # In live stack: above the current Rsp, or in a handler's locals; its MachineFrame
-        # names a system call made a little higher on the same stack.
+        # In live stack: above the current Rsp, or in a handler's locals (the locals of the
+        # functions its level runs through, nothing an unwind reads); its MachineFrame names
+        # a system call made a little higher on the same stack.
         level = levels if c.at == "above_rsp" else c.level
-        bottom = facts.user_rsps[level] + 8
-        top = facts.frames[level - 1].frame - 8 if level else facts.stack_base
+        bottom, top = max(facts.free[level], key=lambda r: r[1] - r[0])
+        bottom += 8
         rip = facts.syscall_rips[level]
         frame = (top - size - 0x40) & ~0xF
         rsp = frame + size + 0x20  # 8 mod 16 (size is), as inside a system-call stub
+        rsp = min(rsp, facts.stack_base)
     assert bottom <= frame - 8 and frame + size <= top and rsp <= facts.stack_base
     api = rng.choice(STALE_APIS)
     buffer = frame + UCALLOUT_FRAME_SIZE
@@ -212,8 +214,10 @@ def _forged_rsp(
 ) -> None:
     """T(k-1).Rsp rewritten into level k's handler locals, where the builder writes junk of
     its own choosing (small numbers and zeros, as handler locals hold)."""
-    forged = level.frame - FORGED_RSP_DELTA
-    assert forged - 8 >= facts.user_rsps[level.level] + 8 and forged % 16 == 0
+    # Into the largest free locals of the level, at most FORGED_RSP_DELTA below the frame.
+    low, high = max(facts.free[level.level], key=lambda r: r[1] - r[0])
+    forged = min(level.frame - FORGED_RSP_DELTA, (high - 0x58) & ~0xF)
+    assert low <= forged - 8 and forged + 0x58 <= high and forged % 16 == 0
     q = [_junk(rng, dispatcher_range) for _ in range(12)]  # return slot + 11 qwords
     space.write(forged - 8, struct.pack("<12Q", *q))
     # Frame at q[1:]: Buffer q[5], Length/ApiNumber the halves of q[6], MachineFrame.Rip q[7],
@@ -279,12 +283,12 @@ def hook_dispatcher(
     rva = ntdll.exports["KiUserCallbackDispatcher"]
     hook_code = hook.base + HOOK_CODE_RVA
     code = ntdll.data[rva : rva + call_end] + _JMP_ABS + struct.pack("<Q", dispatcher_return)
-    _private_patch(memory, space, hook, HOOK_CODE_RVA, code)
-    _private_patch(memory, space, ntdll, rva, _JMP_ABS + struct.pack("<Q", hook_code))
+    private_patch(memory, space, hook, HOOK_CODE_RVA, code)
+    private_patch(memory, space, ntdll, rva, _JMP_ABS + struct.pack("<Q", hook_code))
     return hook_code + call_end
 
 
-def _private_patch(
+def private_patch(
     memory: PhysicalMemory, space: AddressSpace, module: ModuleImage, rva: int, data: bytes
 ) -> None:
     page_rva = rva & ~(PAGE - 1)

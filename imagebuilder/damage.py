@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 
+from imagebuilder.conditions import private_patch
 from imagebuilder.damage_spec import ProcessListDamage, ThreadDamage, ThreadListDamage
 from imagebuilder.expectation import ThreadExpectation
 from imagebuilder.kernel_layout import STACKS_START, Kernel
@@ -36,6 +37,25 @@ RSP_BELOW_STACK = 0x10000
 # MachineFrame.Rsp of "ucallout_downward" / "ucallout_beyond_stack", relative to the frame /
 # to StackBase.
 DOWNWARD, BEYOND = 0x200, 0x10000
+OVERWRITTEN_RETURN = 0x4141414141414141  # return_address_overwritten: in no module
+
+
+def damage_unwind_data(memory, space: AddressSpace, module: ModuleImage, what: str, function=None):
+    """``unwind_data_paged_out``: the pages of ``module``'s .pdata not present in this process.
+    ``unwind_info_corrupt``: ``function``'s UNWIND_INFO gets version 4 in this process's copy
+    (a private page).  Returns the RUNTIME_FUNCTION begin RVAs whose unwind data is then
+    invalid (every entry sharing that record)."""
+    if what == "unwind_data_paged_out":
+        rva, size = module.pdata
+        assert size, f"{module.name} has no .pdata"
+        _page_out(space, module.base + rva, module.base + rva + size)
+        return set()
+    begin = module.pdb_symbols.get(function, module.exports.get(function))
+    assert begin is not None and begin in module.unwind_records, (module.name, function)
+    record = module.unwind_records[begin]
+    first = module.data[record]
+    private_patch(memory, space, module, record, bytes([(first & ~7) | 4]))
+    return {b for b, r in module.unwind_records.items() if r == record}
 
 
 def _page_out(space: AddressSpace, start: int, end: int) -> None:
@@ -103,6 +123,13 @@ def apply_thread_damage(
             exp.user_frames[frame] = replace(exp.user_frames[frame], api=item.value)
         elif kind == "nesting_level":
             kthread["CallbackNestingLevel"] = exp.nesting = item.value
+        elif kind == "return_address_overwritten":
+            # The return address into the level's second function (the one its outermost
+            # function called), or its only one: a value in no module.
+            slots = facts.return_slots[item.level]
+            assert len(slots) >= 2, f"level {item.level} has no return address to overwrite"
+            slot = slots[2] if len(slots) > 2 else slots[1]
+            space.write(slot, struct.pack("<Q", OVERWRITTEN_RETURN))
         else:  # parse_thread_damage admits no other kind
             raise AssertionError(kind)
 

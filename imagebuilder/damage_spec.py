@@ -30,7 +30,11 @@ SIMPLE_THREAD_KINDS = (
     *OUTER_FRAME_KINDS,
 )
 # Thread damage with parameters: {"kind": ..., ...}.
-PARAMETER_KINDS = {"api_number": ("level", "value"), "nesting_level": ("value",)}
+PARAMETER_KINDS = {
+    "api_number": ("level", "value"),
+    "nesting_level": ("value",),
+    "return_address_overwritten": ("level",),
+}
 # Kinds that change what the user-stack scan sees; at most one of them per thread (each one's
 # outcome is defined on an otherwise healthy stack).
 SCAN_KINDS = (*TEB_KINDS, "user_stack_paged_out", "rsp_outside_stack", *OUTER_FRAME_KINDS)
@@ -74,6 +78,11 @@ class ThreadListDamage:
 class ProcessDamage:
     thread_list: ThreadListDamage | None = None
     kernel_callback_table: str | None = None
+    # "unwind_data_paged_out": module name whose .pdata pages this process cannot read.
+    unwind_data_paged_out: str | None = None
+    # "unwind_info_corrupt": (module name, function) whose UNWIND_INFO has an invalid version
+    # in this process's copy.
+    unwind_info_corrupt: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,8 @@ def parse_thread_damage(data: Any, where: str, levels: int, kind: str) -> tuple[
             items.append(
                 ThreadDamage(name, level, _number(obj["value"], f"{at}.value", 0, 2**32 - 1))
             )
+        elif name == "return_address_overwritten":
+            items.append(ThreadDamage(name, _number(obj["level"], f"{at}.level", 0, levels)))
         else:
             items.append(
                 ThreadDamage(name, 0, _number(obj["value"], f"{at}.value", 0, MAX_NESTING_VALUE))
@@ -141,7 +152,11 @@ def parse_thread_damage(data: Any, where: str, levels: int, kind: str) -> tuple[
 
 
 def parse_process_damage(data: Any, where: str, tids: list[int]) -> ProcessDamage:
-    obj = _obj(data, where, {"thread_list", "kernel_callback_table"})
+    obj = _obj(
+        data,
+        where,
+        {"thread_list", "kernel_callback_table", "unwind_data_paged_out", "unwind_info_corrupt"},
+    )
     thread_list = None
     if "thread_list" in obj:
         at_where = f"{where}.thread_list"
@@ -166,7 +181,17 @@ def parse_process_damage(data: Any, where: str, tids: list[int]) -> ProcessDamag
         table = _choice(
             obj["kernel_callback_table"], f"{where}.kernel_callback_table", CALLBACK_TABLE_KINDS
         )
-    return ProcessDamage(thread_list, table)
+    paged = obj.get("unwind_data_paged_out")
+    if paged is not None and not isinstance(paged, str):
+        raise DamageError(f"{where}.unwind_data_paged_out: a module name")
+    corrupt = None
+    if "unwind_info_corrupt" in obj:
+        at_where = f"{where}.unwind_info_corrupt"
+        spec = _obj(obj["unwind_info_corrupt"], at_where, {"module", "function"})
+        if not all(isinstance(spec.get(k), str) for k in ("module", "function")):
+            raise DamageError(f"{at_where}: needs 'module' and 'function' names")
+        corrupt = (spec["module"], spec["function"])
+    return ProcessDamage(thread_list, table, paged, corrupt)
 
 
 def parse_scenario_damage(

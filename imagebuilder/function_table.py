@@ -32,6 +32,14 @@ class FunctionTable:
         begin, end, primary = self.entries[index]
         return primary if begin <= rva < end else None
 
+    def entry(self, rva: int) -> int | None:
+        """Begin RVA of the RUNTIME_FUNCTION containing ``rva`` (None: no entry)."""
+        index = bisect.bisect_right(self._begins, rva) - 1
+        if index < 0:
+            return None
+        begin, end, _primary = self.entries[index]
+        return begin if begin <= rva < end else None
+
     def chained(self) -> list[tuple[int, int, int]]:
         """The secondary entries (a primary other than their own begin)."""
         return [e for e in self.entries if e[0] != e[2]]

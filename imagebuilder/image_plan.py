@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from imagebuilder.codeview import DEBUG_DIRECTORY_SIZE, debug_directory_entry, rsds_record
 from imagebuilder.function_table import FunctionTable, resolve_primaries
@@ -20,7 +21,13 @@ from imagebuilder.pe_image import (
     new_image,
     page_up,
 )
-from imagebuilder.unwind_info import UnwindCode, chained_unwind, frame_unwind
+from imagebuilder.unwind_info import (
+    UnwindCode,
+    chained_unwind,
+    frame_unwind,
+    ops_of,
+    unwind_info,
+)
 from imagebuilder.x64_code import (
     INT3,
     Code,
@@ -68,6 +75,10 @@ class ImagePlan:
     codeview_record: tuple[int, int, str] | None = None
     _export_rva: int = 0
     _pdata_rva: int = 0
+    # begin RVA -> what the entry's unwind data does, chains resolved (unwind_info.ops_of)
+    unwind_ops: dict[int, tuple] = field(default_factory=dict)
+    # stack function name -> (RVA, StackFunction) (stack_functions.py)
+    stack_functions: dict[str, tuple[int, Any]] = field(default_factory=dict)
 
     # -- placing ---------------------------------------------------------------------------------
     def section(self, name: str, kind: str) -> int:
@@ -105,17 +116,26 @@ class ImagePlan:
         """A routine and, when it has a frame, its RUNTIME_FUNCTION."""
         rva = self.place(routine.code, label, alignment)
         if routine.frame is not None:
-            self.runtime_function(rva, self.cursor, frame_unwind(routine.frame))
+            self.runtime_function(
+                rva, self.cursor, frame_unwind(routine.frame), ops=(("alloc", routine.frame),)
+            )
         return rva
 
     def runtime_function(
-        self, begin: int, end: int, unwind: Code, parent: int | None = None
+        self,
+        begin: int,
+        end: int,
+        unwind: Code,
+        parent: int | None = None,
+        ops: tuple = (),
     ) -> str:
         """A RUNTIME_FUNCTION for [begin, end); identical UNWIND_INFO records are shared.
-        ``parent``: begin RVA of the entry a chained UNWIND_INFO names.  Returns the label of
-        the UNWIND_INFO."""
+        ``parent``: begin RVA of the entry a chained UNWIND_INFO names.  ``ops``: what the
+        unwind data does (chains resolved), for the truth.  Returns the label of the
+        UNWIND_INFO."""
         label = self._unwind.setdefault(unwind, f"unwind#{len(self._unwind)}")
         self._functions.append((begin, end, label))
+        self.unwind_ops[begin] = ops
         if parent is not None:
             self._parents[begin] = parent
         return label
@@ -137,8 +157,38 @@ class ImagePlan:
         self.labels.setdefault(f"{parent}#end", end)
         rva = self.place(code, label, alignment)
         info = chained_unwind(prologue, list(codes), (parent, f"{parent}#end", unwind))
-        self.runtime_function(rva, self.cursor, info, parent=begin)
+        ops = ops_of(list(codes)) + self.unwind_ops.get(begin, ())
+        self.runtime_function(rva, self.cursor, info, parent=begin, ops=ops)
         return rva
+
+    def stack_function(self, function: Any, alignment: int = 16) -> int:
+        """A stack_functions.StackFunction: its code, RUNTIME_FUNCTION and UNWIND_INFO (and
+        its chained secondary part right after it)."""
+        f = function
+        rva = self.place(f.code, f.name, alignment)
+        info = unwind_info(
+            f.prologue,
+            list(f.codes),
+            version=f.version,
+            frame_register=f.frame_register,
+            frame_offset=f.frame_offset // 16,
+        )
+        ops = ops_of(list(f.codes), f.frame_register, f.frame_offset // 16)
+        self.runtime_function(rva, self.cursor, info, ops=ops)
+        if f.secondary is not None:
+            self.chained_part(
+                f"{f.name}#secondary",
+                f.secondary,
+                f.name,
+                prologue=f.secondary_prologue,
+                codes=tuple(f.secondary_codes),
+            )
+        self.stack_functions[f.name] = (rva, f)
+        return rva
+
+    def unwind_record_rvas(self) -> dict[int, int]:
+        """Begin RVA of each RUNTIME_FUNCTION -> RVA of its UNWIND_INFO (after placing)."""
+        return {b: self.labels[u] for b, _e, u in self._functions}
 
     def reserve(self, size: int, label: str, alignment: int = 1) -> int:
         return self.place((b"\0" * size,), label, alignment)

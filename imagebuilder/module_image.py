@@ -37,6 +37,20 @@ class ModuleImage:
     pdb_symbols: dict[str, int] = field(default_factory=dict)
     codeview: CodeView | None = None
     debug_page: int = 0  # RVA of the page holding the debug directory and RSDS record
+    # Begin RVA of each RUNTIME_FUNCTION -> what its unwind data does (unwind_info.ops_of,
+    # chains resolved) and the RVA of its UNWIND_INFO: the builder's own record for the truth.
+    unwind_ops: dict[int, tuple] = field(default_factory=dict)
+    unwind_records: dict[int, int] = field(default_factory=dict)
+    # Functions with call sites the stack layouts use: name -> (RVA, StackFunction).
+    stack_functions: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    # user32: framed callback handler RVA -> {callee function name: RVA of the return
+    # address after the handler's call to it}.
+    handler_calls: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def stack_function(self, name: str) -> tuple[int, Any] | None:
+        """(address, StackFunction) of a stack function of this module."""
+        found = self.stack_functions.get(name)
+        return None if found is None else (self.base + found[0], found[1])
 
     @property
     def size(self) -> int:
@@ -105,4 +119,7 @@ def plan_facts(plan: Any) -> dict[str, Any]:
         "functions": plan.function_table(),
         "pdb_symbols": plan.public_symbols(),
         "codeview_record": plan.codeview_record,
+        "unwind_ops": dict(plan.unwind_ops),
+        "unwind_records": plan.unwind_record_rvas(),
+        "stack_functions": dict(plan.stack_functions),
     }

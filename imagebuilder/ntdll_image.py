@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from imagebuilder import export_names
+from imagebuilder import export_names, stack_functions
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_RESOURCE, ImagePlan
 from imagebuilder.module_image import ModuleImage, mapped, plan_facts
 from imagebuilder.pdb_names import SPLIT_NTDLL_ROUTINE
@@ -104,6 +104,10 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     for name in filler[:half]:
         if name == SPLIT_NTDLL_ROUTINE:
             plan.routine(name, Routine(split.hot, split.frame))
+        elif name == stack_functions.THREAD_START:
+            ordinary_routine(rng, callees)  # keeps the generator's sequence
+            (function,) = stack_functions.ntdll_functions(_CHECK_SLOT)
+            plan.stack_function(function)
         else:
             plan.routine(name, ordinary_routine(rng, callees))
     # The system-call stubs, one after the other in number order.
@@ -119,10 +123,20 @@ def build_ntdll(zw_alias: bool, decoy: bool = False) -> ModuleImage:
     dispatcher = plan.place(
         dispatcher_code(_THUNK, "NtCallbackReturn", "RtlRaiseStatus"), "KiUserCallbackDispatcher"
     )
-    plan.runtime_function(dispatcher, dispatcher + DISPATCHER_SIZE, dispatcher_unwind())
+    plan.runtime_function(
+        dispatcher,
+        dispatcher + DISPATCHER_SIZE,
+        dispatcher_unwind(),
+        ops=(("alloc", UCALLOUT_ALLOCATION), ("machframe", 0)),
+    )
     plan.routine(_HANDLER, Routine(language_handler(), None))
     for name in filler[half:]:
-        plan.routine(name, ordinary_routine(rng, callees))
+        if name == stack_functions.THREAD_START:
+            ordinary_routine(rng, callees)  # keeps the generator's sequence
+            (function,) = stack_functions.ntdll_functions(_CHECK_SLOT)
+            plan.stack_function(function)
+        else:
+            plan.routine(name, ordinary_routine(rng, callees))
     # The split routine's cold fragment, far from its hot part, as the compiler separates
     # rarely run code: a RUNTIME_FUNCTION of its own, chained to the hot part's.
     plan.chained_part(cold, split.cold, SPLIT_NTDLL_ROUTINE, alignment=16)

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagebuilder import conditions, damage, executive, truth
+from imagebuilder import call_chains, conditions, damage, executive, stack_truth, truth
 from imagebuilder.callback_tables import TableCheck, instrumentation_note, space_reader
 from imagebuilder.expectation import (
     HandlerLookup,
@@ -41,11 +41,13 @@ from imagebuilder.process_layout import (
 from imagebuilder.process_symbols import ModuleSymbols, ProcessSymbols
 from imagebuilder.regions import RegionMap
 from imagebuilder.scenario import Process, Thread
+from imagebuilder.stack_truth import ProcessUnwind, StackShadow
 from imagebuilder.table_layout import override_entries, place_table, target_address
 from imagebuilder.tables_spec import table_owner
 from imagebuilder.thread_layout import StackFacts, lay_out_kernel_thread, lay_out_user_thread
 from imagebuilder.user_modules import SYSCALL_RETURN, WIN32U_SYSCALLS, ModuleImage
 from imagebuilder.wow64_layout import Wow64Side, lay_out_wow64_side
+from imagebuilder.wow64_stack import WOW64_TLS_CPURESERVED, lay_out_wow64_stack, wow64_rows
 
 STATE_WAITING, STATE_TERMINATED = "Waiting", "Terminated"
 
@@ -105,6 +107,21 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
         dispatcher_return = conditions.hook_dispatcher(
             k.memory, space, ctx.ntdll, ctx.module(hook), ctx.dispatcher_return
         )
+    # Unwind data this process cannot use (damage): .pdata paged out, a corrupt UNWIND_INFO.
+    corrupt: set[tuple[str, int]] = set()
+    if proc.damage.unwind_data_paged_out is not None:
+        module = layout.module_named(proc.damage.unwind_data_paged_out)
+        assert module is not None, proc.damage.unwind_data_paged_out
+        damage.damage_unwind_data(k.memory, space, module, "unwind_data_paged_out")
+    if proc.damage.unwind_info_corrupt is not None:
+        name, function = proc.damage.unwind_info_corrupt
+        module = layout.module_named(name)
+        assert module is not None, name
+        begins = damage.damage_unwind_data(k.memory, space, module, "unwind_info_corrupt", function)
+        corrupt = {(module.name, b) for b in begins}
+    call_sites = set().union(*(call_chains.call_returns(m) for m in [layout.exe, *modules]))
+    if dispatcher_return != ctx.dispatcher_return:
+        call_sites.add(dispatcher_return)  # the hook's call to the handler
     if "ntdll_exports" in proc.page_out:
         start, size = ctx.ntdll.export_dir
         for page in range(start & ~0xFFF, start + size, 0x1000):
@@ -119,9 +136,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     owner = ctx.module(owner_name) if owner_name else None
     table = 0
     if owner is not None:
-        table = place_table(
-            layout, private, k.memory, owner, proc.tables.location, ctx.table_size
-        )
+        table = place_table(layout, private, k.memory, owner, proc.tables.location, ctx.table_size)
         override_entries(layout, private, table, proc.callback_overrides)
     layout.callback_table = damage.callback_table_value(
         proc.damage.kernel_callback_table, table, space
@@ -155,6 +170,7 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
     check = TableCheck(64, layout.callback_table, owner, all_modules, layout.vads, read)
     layout.thread_note = instrumentation_note(check, instrumentation)
     symbol_modules = process_symbols(ctx, space, all_modules)
+    unwind = ProcessUnwind(symbol_modules, call_sites, corrupt)
     handler = damage.handler_lookup(space, layout.callback_table)
     ethreads: dict[int, int] = {}
     records, thread_inventory = [], []
@@ -176,6 +192,8 @@ def build_user_process(ctx: ImageContext, proc: Process) -> BuiltProcess:
                 symbol_modules,
                 handler,
                 dispatcher_return,
+                unwind,
+                (side, index) if side is not None else None,
             )
         else:
             record, stack, state, wait_reason, exit_time = _kernel_only_thread(
@@ -401,6 +419,7 @@ def _kernel_only_thread(
         frames=[],
         notes="; ".join(n for n in (layout.thread_note, "no user-mode trap frame") if n),
     )
+    record["stack"] = stack_truth.single_row("no user-mode trap frame")
     return record, stack, state, wait_reason, exit_time
 
 
@@ -414,9 +433,11 @@ def _user_thread(
     modules: list[ModuleImage],
     handler: HandlerLookup,
     dispatcher_return: int,
+    unwind: ProcessUnwind,
+    wow64_side: tuple[Wow64Side, int] | None = None,
 ):
     k = ctx.kernel
-    space = layout.space
+    space = StackShadow(layout.space, stack_base - USER_STACK_RESERVE, stack_base)
     table = layout.callback_table
     calls = []
     for cb in thread.callbacks:
@@ -426,21 +447,48 @@ def _user_thread(
         calls.append((cb.api, value, cb.length))
     rips = [_syscall_rip(ctx, cb.syscall) for cb in thread.callbacks]
     rips.append(_syscall_rip(ctx, thread.wait))
-    caller = layout.exe.base + 0x1000 + 0x10
-    if not calls and thread.wait in ("NtCallbackReturn", "ZwCallbackReturn"):
-        # Without a handler frame below it, NtCallbackReturn was called by the dispatcher.
-        caller = ctx.ntdll.base + ctx.ntdll.extras["dispatcher_callback_return"]
+    plan = conditions.stack_plan(thread.conditions, len(calls))
+    loaded = [m.module for m in modules.modules if m.module is not layout.exe]
+    resting_wait = thread.wait in call_chains.CALLBACK_RETURN_WAITS
+    resting = None
+    if not calls and resting_wait:
+        # Without a handler frame below it, NtCallbackReturn was called by the dispatcher,
+        # standing on the UCALLOUT_FRAME of a system call made at level 0.
+        outer = "NtUserGetMessage" if layout.module_named("user32.dll") else "NtDelayExecution"
+        outer_rip = _syscall_rip(ctx, outer)
+        resting = (
+            ctx.ntdll.base + ctx.ntdll.extras["dispatcher_callback_return"],
+            outer_rip,
+            call_chains.level_zero(loaded, layout.exe, outer_rip),
+        )
+        chains = [resting[2]]
+    else:
+        chains = [call_chains.level_zero(loaded, layout.exe, rips[0])]
+    for level, (_api, value, _length) in enumerate(calls, start=1):
+        chains.append(
+            call_chains.callback_level(
+                loaded,
+                layout.exe,
+                value,
+                resting=resting_wait and level == len(calls),
+                gap=plan.min_gaps.get(level, 0),
+                choice=thread.tid // 4 + level,
+            )
+        )
     facts, stack = lay_out_user_thread(
         k,
         space,
-        ctx.rng,
+        # A generator of its own per thread: how one thread's chains look (a handler the
+        # builder has call sites for, or not) never shifts another thread's bytes.
+        random.Random(f"stack:{ctx.seed}:{proc.pid}:{thread.tid}"),
         stack_base=stack_base,
         syscall_rips=rips,
-        caller_return=caller,
+        chains=chains,
         calls=calls,
         dispatcher_return=dispatcher_return,
         dispatcher_range=ctx.dispatcher_range,
-        plan=conditions.stack_plan(thread.conditions, len(calls)),
+        plan=plan,
+        resting=resting,
     )
     k.writer.put(
         space,
@@ -463,8 +511,17 @@ def _user_thread(
         if table:
             ctx.regions.add_virtual(owner, space, table + 8 * cb.api, 8)
     _record_targets(ctx, space, teb, facts)
+    wow64_stack = None
+    if wow64_side is not None:
+        side, index = wow64_side
+        wow64_stack = lay_out_wow64_stack(k, layout.space, layout.vads, teb, index, side.images)
     exp = _expectation(proc, thread, space, teb, facts)
     exp.instrumentation = layout.thread_note
+    if facts.resting_frame:
+        frame = facts.resting_frame
+        exp.user_frames[frame] = UserFrame(
+            frame, 2, frame + 0x58, 0x10, resting[1], facts.resting_rsp, resting[0]
+        )
     damage.apply_thread_damage(
         thread.damage, kernel=k, space=space, teb=teb, facts=facts, kthread=stack, exp=exp
     )
@@ -483,6 +540,11 @@ def _user_thread(
         if frame.address not in {f.frame for f in facts.frames}:
             ctx.regions.add_target("stale_ucallout_frame", space, frame.address - 8, 0x60)
     record = thread_record(exp, ctx.facts, modules, handler)
+    rows32 = None
+    if wow64_stack is not None:
+        tls = teb + k.symbols.offset("_TEB", "TlsSlots") + 8 * WOW64_TLS_CPURESERVED
+        rows32 = wow64_rows(wow64_stack, tls, exp.readable, wow64_side[0].images)
+    record["stack"] = stack_truth.stack_rows(exp, space, facts.trap_rbps, ctx.facts, unwind, rows32)
     return record, stack, exp.state, thread.wait_reason, 0
 
 

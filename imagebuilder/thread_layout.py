@@ -61,6 +61,16 @@ class StackFacts:
     # called its system call (the bottom of its locals); user_rsps[K] is the current Rsp.
     user_rsps: tuple[int, ...] = ()
     syscall_rips: tuple[int, ...] = ()  # T(j).Rip, j = 0..K
+    trap_rbps: tuple[int, ...] = ()  # T(j).Rbp, j = 0..K: rbp at that system call
+    # Per level j = 0..K: the return slots of the level's call chain, outermost first (the
+    # slot holding the outermost function's own return address first).
+    return_slots: tuple[tuple[int, ...], ...] = ()
+    # Per level j = 0..K: [start, end) ranges of function locals nothing reads back.
+    free: tuple[tuple[tuple[int, int], ...], ...] = ()
+    # A thread resting in NtCallbackReturn called by the dispatcher with no kernel level: the
+    # UCALLOUT_FRAME-shaped block its dispatcher frame stands on (0: none).
+    resting_frame: int = 0
+    resting_rsp: int = 0  # its MachineFrame.Rsp
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,99 @@ class StackPlan:
     below_rsp: int = 0
 
 
+@dataclass(frozen=True)
+class FrameShape:
+    """How a function's frame looks at a call site, from the unwind ops the builder gave it."""
+
+    size: int  # bytes from the body's Rsp up to its return slot
+    pushes: dict[int, int]  # register -> offset of its pushed value
+    saves: dict[int, int]  # register -> offset of its SAVE_NONVOL slot
+    fp: int | None  # rbp = body Rsp + fp
+    sets_rbp: bool  # the body loads rbp with a value of its own
+    allocations: tuple[tuple[int, int], ...]  # [start, end) offsets of its allocations
+
+
+def frame_shape(ops: tuple, sets_rbp: bool = False) -> FrameShape:
+    offset, pushes, saves, fp, allocations = 0, {}, {}, None, []
+    for op in ops:
+        if op[0] == "push":
+            pushes[op[1]] = offset
+            offset += 8
+        elif op[0] == "alloc":
+            allocations.append((offset, offset + op[1]))
+            offset += op[1]
+        elif op[0] == "setfp":
+            fp = op[2]
+        elif op[0] == "save":
+            saves[op[1]] = op[2]
+        else:
+            raise AssertionError(op)
+    return FrameShape(offset, pushes, saves, fp, sets_rbp, tuple(allocations))
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One level's call chain: the return address of each function, outermost first (the
+    address the function at that position returns into its caller is the previous entry's;
+    the outermost's own return is the level's top value), and the shape of each function."""
+
+    returns: tuple[int, ...] = ()
+    shapes: tuple[FrameShape, ...] = ()
+
+
 _HOLLOW_EDGE = 0x400  # handler locals written at each end of a hollow gap
+RBP = 5
+_REGISTERS = (3, 5, 6, 7, 12, 13, 14, 15)
+
+
+def _fresh_registers(rng: random.Random, avoid: tuple[int, int]) -> dict[int, int]:
+    return {r: _junk(rng, avoid) for r in _REGISTERS}
+
+
+def _lay_chain(
+    space: AddressSpace,
+    rng: random.Random,
+    slot: int,
+    top_value: int,
+    chain: Chain,
+    registers: dict[int, int],
+    avoid: tuple[int, int],
+    hollow: bool,
+    holes: list[tuple[int, int]],
+) -> tuple[int, list[int], list[tuple[int, int]]]:
+    """Writes ``top_value`` at ``slot`` and each function's frame below it: junk locals,
+    pushed and saved registers (the caller's values), the return address into it.  Returns
+    the innermost slot (the system-call stub's Rsp), every return slot, the free locals."""
+    space.write(slot, struct.pack("<Q", top_value))
+    slots, free = [slot], []
+    for value, shape in zip(chain.returns, chain.shapes, strict=True):
+        body = slot - shape.size
+        if hollow and shape.size > 4 * _HOLLOW_EDGE:
+            _write_junk(space, rng, body, _HOLLOW_EDGE, avoid)
+            _write_junk(space, rng, slot - _HOLLOW_EDGE, _HOLLOW_EDGE, avoid)
+            holes.append((body + _HOLLOW_EDGE, slot - _HOLLOW_EDGE))
+        else:
+            _write_junk(space, rng, body, shape.size, avoid)
+        used = set()
+        for reg, offset in [*shape.pushes.items(), *shape.saves.items()]:
+            space.write(body + offset, struct.pack("<Q", registers[reg]))
+            used.add(offset)
+        for start, end in shape.allocations:
+            cuts = sorted(o for o in used if start <= o < end)
+            edge = start
+            for cut in [*cuts, end]:
+                if cut > edge:
+                    free.append((body + edge, body + cut))
+                edge = cut + 8
+        # The body changes the registers it saved; a frame-pointer function sets rbp.
+        for reg in [*shape.pushes, *shape.saves]:
+            registers[reg] = _junk(rng, avoid)
+        if shape.fp is not None:
+            registers[RBP] = body + shape.fp
+        slot = body - 8
+        space.write(slot, struct.pack("<Q", value))
+        slots.append(slot)
+    return slot, slots, free
 
 
 def lay_out_user_thread(
@@ -87,28 +189,52 @@ def lay_out_user_thread(
     *,
     stack_base: int,
     syscall_rips: list[int],
-    caller_return: int,
+    chains: list[Chain],
     calls: list[tuple[int, int, int]],
     dispatcher_return: int,
     dispatcher_range: tuple[int, int],
     plan: StackPlan | None = None,
+    resting: tuple[int, int, Chain] | None = None,
 ) -> tuple[StackFacts, dict[str, int]]:
     """Write the user stack and the kernel stack segments of one thread.
 
     ``syscall_rips[j]`` is the Rip of trap frame T(j) (after the ``syscall`` instruction);
-    ``calls[k-1]`` = (api, handler, input length) for level k; ``dispatcher_return`` is where
-    handlers return (into KiUserCallbackDispatcher, or into a hook of it).  Returns the
-    user-side facts and the KTHREAD stack fields.
+    ``chains[j]`` the functions level j runs through down to that system call (level 0 from
+    RtlUserThreadStart, whose return slot holds 0; level k from the handler, whose return
+    address is ``dispatcher_return``); ``calls[k-1]`` = (api, handler, input length) for level
+    k.  ``resting``: (dispatcher's NtCallbackReturn return address, Rip of the system call the
+    callback interrupted, the chain down to it) for a thread resting in NtCallbackReturn
+    called by the dispatcher without a kernel level.  Returns the user-side facts and the
+    KTHREAD stack fields.
     """
     sym, w = kernel.symbols, kernel.writer
     plan = plan or StackPlan()
     levels = len(calls)
     # -- user stack ------------------------------------------------------------------------
-    rsp = stack_base - 0x200 - 16 * rng.randint(0, 24) - 8  # Rsp is 8 mod 16 inside a stub
-    user_rsp = [rsp]
-    lowest = rsp
+    top = stack_base - 0x200 - 16 * rng.randint(0, 24) - 8  # a return slot is 8 mod 16
     holes: list[tuple[int, int]] = []  # never written: left without a mapping
-    space.write(rsp, struct.pack("<Q", caller_return))
+    registers = _fresh_registers(rng, dispatcher_range)
+    rsp, slots, free = _lay_chain(
+        space, rng, top, 0, chains[0], registers, dispatcher_range, False, holes
+    )
+    free.append((top + 8, stack_base))
+    resting_frame = resting_rsp = 0
+    if resting is not None:
+        resting_rsp = rsp
+        callback_return, outer_rip, _chain = resting
+        resting_frame = (rsp - (0x10 + UCALLOUT_FRAME_SIZE)) & ~0xF
+        buffer = resting_frame + UCALLOUT_FRAME_SIZE
+        space.write(buffer, rng.randbytes(0x10))
+        space.write(
+            resting_frame - 8,
+            struct.pack("<QQQQQQII", callback_return, 0, 0, 0, 0, buffer, 0x10, 2)
+            + struct.pack("<QQQQQ", outer_rip, USER_CS, USER_EFLAGS, rsp, USER_SS),
+        )
+        rsp = resting_frame - 8
+    user_rsp = [rsp]
+    rbps = [registers[RBP]]
+    all_slots, all_free = [tuple(slots)], [tuple(free)]
+    lowest = rsp
     frames: list[FrameFact] = []
     for level, (api, handler, length) in enumerate(calls, start=1):
         prev_rsp = user_rsp[-1]
@@ -122,17 +248,26 @@ def lay_out_user_thread(
                 "<QQQQQ", syscall_rips[level - 1], USER_CS, USER_EFLAGS, prev_rsp, USER_SS
             ),
         )
-        space.write(frame - 8, struct.pack("<Q", dispatcher_return))
-        # The handler's own frames, then the call into the next system-call stub.
-        gap = max(0x30 + 16 * rng.randint(1, 40), (plan.min_gaps.get(level, 0) + 15) & ~15)
-        handler_rsp = frame - 8 - gap
-        if level in plan.hollow and gap > 4 * _HOLLOW_EDGE:
-            _write_junk(space, rng, handler_rsp + 8, _HOLLOW_EDGE, dispatcher_range)
-            _write_junk(space, rng, frame - 8 - _HOLLOW_EDGE, _HOLLOW_EDGE, dispatcher_range)
-            holes.append((handler_rsp + 8 + _HOLLOW_EDGE, frame - 8 - _HOLLOW_EDGE))
-        else:
-            _write_junk(space, rng, handler_rsp + 8, gap - 8, dispatcher_range)
-        space.write(handler_rsp, struct.pack("<Q", handler + 4))
+        # The handler's frames (its own, then the routines it calls) down to its system call.
+        registers = _fresh_registers(rng, dispatcher_range)
+        handler_rsp, slots, free = _lay_chain(
+            space,
+            rng,
+            frame - 8,
+            dispatcher_return,
+            chains[level],
+            registers,
+            dispatcher_range,
+            level in plan.hollow,
+            holes,
+        )
+        gap = frame - 8 - handler_rsp
+        if gap < plan.min_gaps.get(level, 0):
+            raise ValueError(
+                f"level {level}'s handler {handler:#x} has no frames the builder lays out"
+                f" (a leaf or foreign routine), so its locals cannot hold the"
+                f" {plan.min_gaps[level]:#x} bytes a condition needs"
+            )
         frames.append(
             FrameFact(
                 level,
@@ -147,6 +282,9 @@ def lay_out_user_thread(
             )
         )
         user_rsp.append(handler_rsp)
+        rbps.append(registers[RBP])
+        all_slots.append(tuple(slots))
+        all_free.append(tuple(free))
         lowest = handler_rsp
     stack_limit = ((lowest - plan.below_rsp) & ~(PAGE - 1)) - PAGE
     if stack_base - stack_limit > USER_STACK_RESERVE:
@@ -215,7 +353,7 @@ def lay_out_user_thread(
                 "SegSs": USER_SS,
                 "EFlags": USER_EFLAGS,
                 "PreviousMode": 1,
-                "Rbp": rsp_j + 0x40,
+                "Rbp": rbps[index],
             },
             optional=True,
         )
@@ -236,6 +374,11 @@ def lay_out_user_thread(
         segments=tuple((s[0], s[1]) for s in segments),
         user_rsps=tuple(user_rsp),
         syscall_rips=tuple(syscall_rips),
+        trap_rbps=tuple(rbps),
+        return_slots=tuple(all_slots),
+        free=tuple(all_free),
+        resting_frame=resting_frame,
+        resting_rsp=resting_rsp,
     )
     kthread = {
         "InitialStack": initial,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from imagebuilder import export_names, pdb_names
+from imagebuilder import export_names, pdb_names, stack_functions
 from imagebuilder.image_plan import IMAGE_DIRECTORY_ENTRY_RESOURCE, ImagePlan, import_directory
 from imagebuilder.module_image import ModuleImage, mapped, plan_facts
 from imagebuilder.pe_image import PAGE
@@ -85,6 +85,12 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
     plan.section(".text", "code")
     for name in others[: len(others) // 2]:
         plan.routine(name, ordinary_routine(rng, callees))
+    # The routines user stacks run through (stack_functions.py): dispatch routines of every
+    # unwind shape, and the routine that makes the system call through the win32u import.
+    for function in stack_functions.user32_functions(f"__imp_{_WIN32U_IMPORTS[3]}"):
+        plan.stack_function(function)
+    sites = tuple(stack_functions.handler_sites())
+    handler_calls: dict[str, dict[str, int]] = {}
     after_return: dict[str, int] = {}
     order = list(handlers)
     rng.shuffle(order)
@@ -94,10 +100,12 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
         if label == pdb_names.CHAINED_HANDLER:
             after_return[label] = _chained_handler(plan, label, slot)
             continue
-        handler = callback_handler(rng, slot, callees)
+        handler = callback_handler(rng, slot, callees, sites)
         rva = plan.routine(label, handler.routine)
         if handler.after_return_call is not None:
             after_return[label] = rva + handler.after_return_call
+        if handler.site_returns:
+            handler_calls[label] = {c: rva + o for c, o in handler.site_returns.items()}
     for name in helpers + others[len(others) // 2 :]:
         plan.routine(name, ordinary_routine(rng, callees))
 
@@ -138,6 +146,7 @@ def build_user32(table_size: int, ntdll: ModuleImage, win32u: ModuleImage) -> Mo
         data_section=(table, 8 * table_size),
         extras={"callback_table": table},
         handler_returns={plan.labels[label]: rva for label, rva in after_return.items()},
+        handler_calls={plan.labels[label]: calls for label, calls in handler_calls.items()},
         notable=frozenset(export_names.USER32_ROUTINES),
         **plan_facts(plan),
     )

@@ -260,9 +260,16 @@ def ordinary_routine(rng: random.Random, callees: tuple[str, ...] = ()) -> Routi
 class HandlerRoutine:
     routine: Routine
     after_return_call: int | None  # offset just after `call [__imp_NtCallbackReturn]`
+    # callee -> offset just after the handler's call to it (framed handlers only)
+    site_returns: dict[str, int] | None = None
 
 
-def callback_handler(rng: random.Random, callback_return_slot: str, callees: tuple[str, ...]):
+def callback_handler(
+    rng: random.Random,
+    callback_return_slot: str,
+    callees: tuple[str, ...],
+    sites: tuple = (),
+):
     """A user32 callback-table routine (an `__fn*`): works on the input, then hands its result
     to NtCallbackReturn through the import address table (real-binaries.md).  A few are leaf
     routines without a RUNTIME_FUNCTION that tail-jump there (8 of 143 entries in 19041 do not
@@ -282,6 +289,13 @@ def callback_handler(rng: random.Random, callback_return_slot: str, callees: tup
             body += call(rng.choice(callees))
         else:
             body.append(rng.choice(_BODY))
+    # ``sites``: (callee, call code) the handler makes, a switch on the message: the stack
+    # layouts choose one of them (stack_functions.handler_sites).
+    site_returns = {}
+    for callee, site in sites:
+        body.append(b"\x48\x8b\xcb")  # mov rcx, rbx
+        body += site
+        site_returns[callee] = code_size(tuple(body))
     body += [
         b"\x48\x89\x44\x24\x20"  # mov [rsp+20h], rax
         b"\x48\x8d\x4c\x24\x20"  # lea rcx, [rsp+20h]   OutputBuffer
@@ -291,7 +305,7 @@ def callback_handler(rng: random.Random, callback_return_slot: str, callees: tup
     ]
     after = code_size(tuple(body))
     body += [add_rsp(frame), RET]
-    return HandlerRoutine(Routine(tuple(body), frame), after)
+    return HandlerRoutine(Routine(tuple(body), frame), after, site_returns)
 
 
 # -- routines with chained unwind information ------------------------------------------------

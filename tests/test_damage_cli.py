@@ -101,7 +101,11 @@ def test_truncated_image_keeps_every_thread_below_the_cut(basic, tmp_path):
     pages = index.used_pages
     cut = pages[len(pages) * 3 // 4]
     touched = index.touched_threads([(cut, size)])
-    kept = [t for t in truth["threads"] if (t["pid"], t["tid"]) not in touched]
+    kept = [
+        {k: v for k, v in t.items() if k != "stack"}  # windows.kcbwait's part of the record
+        for t in truth["threads"]
+        if (t["pid"], t["tid"]) not in touched
+    ]
     assert kept, "the cut should leave some threads whole"
     image = tmp_path / "cut.raw"
     image.write_bytes(basic["raw"].read_bytes()[:cut])
