@@ -31,12 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "windows.kcbwait.KcbWait"
 GOOD = ["basic-lab.raw", "basic-lab.dmp", "nt-only-lab.raw", "nt-only-lab.dmp"]
 TRUNCATED_RAW = "truncated.raw"  # 4 MiB of basic-lab.raw: no kernel layer found
-TRUNCATED_DMP = "truncated.dmp"  # first 500,000 bytes of a crash dump: partial results
+TRUNCATED_DMP = "truncated.dmp"  # a crash dump cut inside its process data: partial results
 NOT_WINDOWS = "notwindows.raw"
 IGNORED = ["basic-lab.truth.json", "notes.txt"]  # in the directory, not images
 
 
 # -- helpers shared with test_batch_dask.py --------------------------------------------------
+def _inside_process_data(dump: bytes) -> int:
+    """A cut halfway through the last run of data pages: crash dumps lay physical memory out
+    as the machine's memory map (a sparse file) and the builder places the kernel's pages first
+    and the processes' after them, so the kernel stays readable and later processes are cut."""
+    used = [
+        offset
+        for offset in range(0, len(dump), 0x1000)
+        if dump[offset : offset + 0x1000].strip(b"\0")
+    ]
+    start = len(used) - 1
+    while start > 0 and used[start] - used[start - 1] <= 0x10000:
+        start -= 1
+    return (used[start] + used[-1]) // 2 & ~0xFFF
+
+
 def _batch_env(env: dict[str, str] | None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
 
@@ -110,8 +125,8 @@ def make_batch_dir(images, directory: Path) -> tuple[Path, Path]:
     basic = images.get("basic", "lab")
     with open(basic["raw"], "rb") as src:
         (directory / TRUNCATED_RAW).write_bytes(src.read(4 << 20))
-    with open(basic["dmp"], "rb") as src:
-        (directory / TRUNCATED_DMP).write_bytes(src.read(500_000))
+    dump = Path(basic["dmp"]).read_bytes()
+    (directory / TRUNCATED_DMP).write_bytes(dump[: _inside_process_data(dump)])
     # An ELF header and text: a file of the right name that is no Windows memory image.
     (directory / NOT_WINDOWS).write_bytes(b"\x7fELF\x02\x01\x01" + b"not a memory image\n" * 4096)
     shutil.copy(basic["truth"], directory / IGNORED[0])
@@ -212,6 +227,7 @@ def test_records_carry_image_facts_and_versions(local_run):
             "at-return-only": False,
             "pid": None,
             "tid": None,
+            "stacks": False,
         }
         assert status["run"]["worker"] in ("local-1", "local-2")
 
@@ -290,6 +306,42 @@ def test_pid_filter_is_passed_to_the_plugin(batch_dir, tmp_path):
     output = by_image(read_jsonl(out))[str(image)]
     assert records.as_plugin_rows(output["threads"]) == want
     assert output["status"]["options"]["pid"] == [2468, 3580]
+
+
+def test_stacks_add_each_threads_kcbstack_frames(batch_dir, truths, local_run, tmp_path):
+    directory, symbols = batch_dir
+    image = directory / "basic-lab.raw"
+    out = tmp_path / "out.jsonl"
+    result = batch(
+        str(image),
+        "-s",
+        str(symbols),
+        "--offline",
+        "--cache-path",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--all-threads",
+        "--stacks",
+    )
+    assert result.returncode == 0, result.stderr
+    output = by_image(read_jsonl(out))[str(image)]
+    assert output["status"]["options"]["stacks"] is True
+    columns = dict(
+        zip(
+            records.STACK_COLUMNS,
+            ("frame", "callback_level", "rip", "symbol", "rsp", "how", "notes"),
+            strict=True,
+        )
+    )
+    got = [
+        [{key: frame[column] for column, key in columns.items()} for frame in thread["stack"]]
+        for thread in output["threads"]
+    ]
+    assert got == [t["stack"] for t in truths["basic"]["threads"]]
+    # Without --stacks (the shared local run), thread records carry no "stack".
+    plain = [r for r in read_jsonl(local_run[1]) if r["record"] == records.THREAD]
+    assert plain and all("stack" not in r for r in plain)
 
 
 def test_plugin_columns_are_the_plugins(batch_dir):

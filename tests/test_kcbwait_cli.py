@@ -82,9 +82,31 @@ def test_wheel_installs_the_plugin_into_volatility_namespace(tmp_path):
     assert result.returncode == 0, result.stderr
     wheel = next(tmp_path.glob("kcbwait-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "volatility3/plugins/windows/kcbwait.py" in names
+    for plugin in ("kcbwait", "kcbtable", "kcbstack"):
+        assert f"volatility3/plugins/windows/{plugin}.py" in names
     assert "volatility3/plugins/windows/kcbwait_analysis/__init__.py" in names
     # Volatility's own package files must never be shadowed.
     assert "volatility3/plugins/windows/__init__.py" not in names
     assert "volatility3/__init__.py" not in names
     assert "imagebuilder/cli.py" in names
+
+
+@pytest.mark.parametrize("renderer", ["json", "csv", "pretty"])
+def test_kcbstack_renderers(images, tmp_path, truth, renderer):
+    """windows.kcbstack's frames through each renderer: every frame of every listed thread."""
+    result = _vol(images, tmp_path, "-r", renderer, "windows.kcbstack")
+    assert result.returncode == 0, result.stderr
+    listed = [t for t in truth["threads"] if t["reason"] != "none"]
+    frames = [(t["tid"], f["frame"], f["rip"], f["how"]) for t in listed for f in t["stack"]]
+    if renderer == "json":
+        rows = json.loads(result.stdout)
+        assert [(r["TID"], r["Frame"], r["Rip"], r["How"]) for r in rows] == frames
+    elif renderer == "csv":
+        text = result.stdout[result.stdout.index("TreeDepth"):]
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [
+            (int(r["TID"]), int(r["Frame"]), int(r["Rip"], 16), r["How"]) for r in rows
+        ] == frames
+    else:
+        for _tid, _frame, rip, how in frames:
+            assert f"{rip:#x}" in result.stdout and how in result.stdout
