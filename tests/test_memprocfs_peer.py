@@ -148,6 +148,50 @@ def test_callback_thread_call_stacks_start_at_the_trap_frame(peers, profile, fmt
     assert checked >= 5
 
 
+@pytest.mark.parametrize(("profile", "fmt"), _params())
+def test_memprocfs_call_stacks_end_at_the_dispatcher_where_kcbstack_goes_on(
+    peers, profile, fmt
+):
+    """MemProcFS treats UWOP_PUSH_MACHFRAME as a fixed Rsp adjustment (it does not reload Rip
+    and Rsp from the machine frame, ../shared/docs/memprocfs.md), so its stack of a callback
+    thread agrees with windows.kcbstack's (the truth's) up to KiUserCallbackDispatcher and never
+    reaches the system call the callback interrupted; kcbstack crosses every level down to
+    RtlUserThreadStart.  MemProcFS is the one that stops short."""
+    peer = peers.peer(profile, fmt)
+    compared = stopped_early = astray = 0
+    for record in peers.truth(profile)["threads"]:
+        if not record["nesting_level"] or record["rip"] is None:
+            continue
+        if STALE_NOTE.search(record["notes"]):
+            continue
+        ours = record["stack"]
+        assert ours[-1]["symbol"].startswith("ntdll.dll!RtlUserThreadStart"), record["tid"]
+        assert ours[-1]["callback_level"] == 0
+        dispatcher = next(
+            i
+            for i, f in enumerate(ours)
+            if (f["symbol"] or "").startswith("ntdll.dll!KiUserCallbackDispatcher")
+        )
+        theirs = [f["ret"] for f in peer["callstacks"][str(record["tid"])] if f["ret"]]
+        # Where MemProcFS has frames up to the dispatcher, they are ours (it may stop earlier).
+        agreed = min(len(theirs), dispatcher + 1)
+        assert theirs[:agreed] == [f["rip"] for f in ours[:agreed]], record["tid"]
+        # The next frame is the interrupted system call (How "machine frame"): MemProcFS never
+        # has it, and whatever it lists after the dispatcher (a return address found further
+        # up, if any) skips the frames kcbstack lists.
+        interrupted = ours[dispatcher + 1]
+        assert interrupted["how"] == "machine frame", record["tid"]
+        assert interrupted["rip"] not in theirs, record["tid"]
+        assert theirs[dispatcher + 1 :] != [f["rip"] for f in ours[dispatcher + 1 :]]
+        stopped_early += len(theirs) <= dispatcher
+        astray += len(theirs) > dispatcher + 1
+        compared += 1
+    assert compared >= 5
+    # Both ways of falling short are seen on this image: stopping before the dispatcher and
+    # jumping past the machine frame to a return address further up.
+    assert stopped_early and astray
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("profile", [profile_param("20348")])
 def test_20348_is_not_in_info_db(peers, profile, fmt):
