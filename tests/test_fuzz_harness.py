@@ -138,7 +138,7 @@ def region_index(regions, truth: dict[str, Any], pages: Iterable[int]) -> Region
 class FuzzImage:
     """One base image, analysed again and again under different physical-byte mutations."""
 
-    def __init__(self, scenario: str, workdir: Path) -> None:
+    def __init__(self, scenario: str, workdir: Path, plugin: str = PLUGIN) -> None:
         profile = lab_profile(workdir / "symbols")
         data = json.loads((SCENARIOS / f"{scenario}.json").read_text())
         image = build_image(parse_scenario(data), SymbolTable.load(profile.isf_path), profile.build)
@@ -148,23 +148,30 @@ class FuzzImage:
         # windows.kcbwait's records: without what windows.kcbstack reports ("stack").
         threads = [{k: v for k, v in t.items() if k != "stack"} for t in image.truth["threads"]]
         self.truth = {**image.truth, "threads": threads}
+        self.full_truth = image.truth
         self.records = {(t["pid"], t["tid"]): t for t in threads}
         self.index = region_index(image.regions, image.truth, (p << 12 for p in image.memory.pages))
         self.original = {pfn << 12: bytes(page) for pfn, page in image.memory.pages.items()}
         # The first run prepares the framework (plugin and symbol paths) the way the tests do.
-        rows = run_plugin(self.paths["raw"], PLUGIN, [self.symbols], {"all-threads": True})
-        assert as_truth(rows) == self.truth["threads"]
+        symbol_dirs = [self.symbols]
+        if "pdb_symbols" in self.paths:
+            symbol_dirs.append(self.paths["pdb_symbols"])
+        rows = run_plugin(self.paths["raw"], plugin, symbol_dirs, {"all-threads": True})
+        if plugin == PLUGIN:
+            assert as_truth(rows) == self.truth["threads"]
+        self.plugin_name = plugin
+        self.clean_rows = rows
         self._construct()
 
     def _construct(self) -> None:
-        plugin_cls = framework.list_plugins()[PLUGIN]
+        plugin_cls = framework.list_plugins()[self.plugin_name]
         ctx = contexts.Context()
         ctx.config["automagic.LayerStacker.single_location"] = (
             requirements.URIRequirement.location_from_file(str(self.paths["raw"]))
         )
         available = automagic.available(ctx)
         ctx.config["automagic.LayerStacker.stackers"] = stacker.choose_os_stackers(plugin_cls)
-        ctx.config["plugins.KcbWait.all-threads"] = True
+        ctx.config[f"plugins.{plugin_cls.__name__}.all-threads"] = True
         chosen = automagic.choose_automagic(available, plugin_cls)
         self.plugin = plugins.construct_plugin(ctx, chosen, plugin_cls, "plugins", None, None)
         self.context = ctx
