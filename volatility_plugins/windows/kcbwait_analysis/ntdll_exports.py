@@ -116,8 +116,19 @@ def read_unwind_directory(
 ) -> tuple[bytes | None, runtime_functions.DirectoryState]:
     """The exception directory as ``read_exception_directory`` reads it, and whether all of
     it was read: an image whose headers say it has none is COMPLETE (only leaf functions)."""
-    incomplete = runtime_functions.DirectoryState.INCOMPLETE
     headers, _problem = pe_exports.read_headers(context, layer_name, base, stats)
+    return unwind_directory_of(context, layer_name, base, headers, stats)
+
+
+def unwind_directory_of(
+    context: interfaces.context.ContextInterface,
+    layer_name: str,
+    base: int,
+    headers: pe_exports.ImageHeaders | None,
+    stats: read_stats.ReadStats | None = None,
+) -> tuple[bytes | None, runtime_functions.DirectoryState]:
+    """``read_unwind_directory`` with the image's headers already read (None: unreadable)."""
+    incomplete = runtime_functions.DirectoryState.INCOMPLETE
     if headers is None:
         return None, incomplete
     directory = headers.exception

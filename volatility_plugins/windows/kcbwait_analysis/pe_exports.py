@@ -284,6 +284,11 @@ def read_headers(
     header = memory.read_bytes(context, layer_name, base, HEADER_SIZE, stats)
     if header is None:
         return None, UNREADABLE
+    return headers_from_bytes(header)
+
+
+def headers_from_bytes(header: bytes) -> tuple[ImageHeaders | None, str | None]:
+    """The headers in the first HEADER_SIZE bytes of an image, or None and INVALID."""
     headers = parse_headers(header)
     if headers is None or not 0 < headers.size_of_image <= MAX_IMAGE_SPAN:
         return None, INVALID

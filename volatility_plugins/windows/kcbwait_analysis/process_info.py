@@ -182,6 +182,10 @@ class ImageCatalog:
         self._by_address: dict[int, ProcessInfo] | None = None
         self._symbols: dict[Fingerprint, symbolizer.ModuleSymbols] = {}
         self._unwind_sources: dict[tuple[str | None, Fingerprint], stack_walk.UnwindSource] = {}
+        self._unwind_functions: dict[
+            Fingerprint, tuple[runtime_functions.RuntimeFunctions, runtime_functions.DirectoryState]
+        ] = {}
+        self._headers: dict[bytes, tuple[pe_exports.ImageHeaders | None, str | None]] = {}
         self.pdb_names = pdb_names.PdbNames(context)
         self._image_ntdll: tuple[str | None, symbolizer.LoadedModule | None] | None = None
         self.tables = process_tables.ProcessTables(context, facts, self.module_symbols, stats)
@@ -252,9 +256,7 @@ class ImageCatalog:
             pages: list[tuple[int, int, str]] = []
             if layer_name is not None:
                 spans = [(module.base, pe_exports.HEADER_SIZE)]
-                headers, _problem = pe_exports.read_headers(
-                    self._context, layer_name, module.base, self.stats
-                )
+                headers, _problem = self.headers(layer_name, module.base)
                 if headers is not None:
                     for directory, cap in (
                         (headers.export, pe_exports.MAX_EXPORT_DIRECTORY),
@@ -405,38 +407,62 @@ class ImageCatalog:
             )
         return self._symbols[key]
 
+    def headers(
+        self, layer_name: str, base: int
+    ) -> tuple[pe_exports.ImageHeaders | None, str | None]:
+        """The PE headers at ``base`` (parsed once per distinct header page: every process
+        maps the same DLL headers)."""
+        raw = memory.read_bytes(self._context, layer_name, base, pe_exports.HEADER_SIZE, self.stats)
+        if raw is None:
+            return None, pe_exports.UNREADABLE
+        if raw not in self._headers:
+            if len(self._headers) >= MAX_CACHED_IMAGES:
+                del self._headers[next(iter(self._headers))]
+            self._headers[raw] = pe_exports.headers_from_bytes(raw)
+        return self._headers[raw]
+
     def unwind_source(
         self, module: symbolizer.LoadedModule, layer_name: str | None
     ) -> stack_walk.UnwindSource:
-        """``module``'s RUNTIME_FUNCTIONs for unwinding (once per process and copy): the
-        process's own mapping of the exception directory, else the first complete copy in
-        another process (same base and path); UNWIND_INFO is read from the own mapping."""
-        key = (layer_name, self.fingerprint(module, layer_name))
+        """``module``'s RUNTIME_FUNCTIONs for unwinding: the process's own mapping of the
+        exception directory, else the first complete copy in another process (same base and
+        path), parsed once per physical copy; UNWIND_INFO is read from the own mapping."""
+        fingerprint = self.fingerprint(module, layer_name)
+        key = (layer_name, fingerprint)
         if key not in self._unwind_sources:
-            data, state = None, runtime_functions.DirectoryState.INCOMPLETE
-            for candidate in self._layers_for(module, layer_name):
-                read = ntdll_exports.read_unwind_directory(
-                    self._context, candidate, module.base, self.stats
+            if fingerprint not in self._unwind_functions:
+                if len(self._unwind_functions) >= MAX_CACHED_IMAGES:
+                    del self._unwind_functions[next(iter(self._unwind_functions))]
+                self._unwind_functions[fingerprint] = self._read_unwind_functions(
+                    module, layer_name
                 )
-                if data is None or read[1] is runtime_functions.DirectoryState.COMPLETE:
-                    data, state = read
-                if state is runtime_functions.DirectoryState.COMPLETE:
-                    break
+            functions, state = self._unwind_functions[fingerprint]
             if len(self._unwind_sources) >= MAX_CACHED_IMAGES:
                 del self._unwind_sources[next(iter(self._unwind_sources))]
             self._unwind_sources[key] = stack_walk.UnwindSource(
-                runtime_functions.RuntimeFunctions.parse(data),
-                state,
-                self._unwind_reader(module, layer_name),
+                functions, state, self._unwind_reader(module, layer_name)
             )
         return self._unwind_sources[key]
+
+    def _read_unwind_functions(
+        self, module: symbolizer.LoadedModule, layer_name: str | None
+    ) -> tuple[runtime_functions.RuntimeFunctions, runtime_functions.DirectoryState]:
+        data, state = None, runtime_functions.DirectoryState.INCOMPLETE
+        for candidate in self._layers_for(module, layer_name):
+            headers, _problem = self.headers(candidate, module.base)
+            read = ntdll_exports.unwind_directory_of(
+                self._context, candidate, module.base, headers, self.stats
+            )
+            if data is None or read[1] is runtime_functions.DirectoryState.COMPLETE:
+                data, state = read
+            if state is runtime_functions.DirectoryState.COMPLETE:
+                break
+        return runtime_functions.RuntimeFunctions.parse(data), state
 
     def _codeview(
         self, module: symbolizer.LoadedModule, layer_name: str
     ) -> pdb_names.CodeView | None:
-        headers, _problem = pe_exports.read_headers(
-            self._context, layer_name, module.base, self.stats
-        )
+        headers, _problem = self.headers(layer_name, module.base)
         if headers is None:
             return None
         return pdb_names.read_codeview(self._context, layer_name, module.base, headers, self.stats)
