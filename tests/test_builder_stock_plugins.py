@@ -14,7 +14,7 @@ from tests.support.volrun import run_plugin
 FORMATS = ["raw", "dmp"]
 # tables: hijacked callback tables, WoW64 processes, instrumentation callbacks.
 # population: the standard image, a real machine's process population (MemProcFS reads it).
-SCENARIOS = ["basic", "tables", "population"]
+SCENARIOS = ["basic", "tables", "population", "stacks"]
 # Volatility reports kernel addresses masked to the 48 bits the x64 layer translates.
 ADDRESS_MASK = (1 << 48) - 1
 
