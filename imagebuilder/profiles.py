@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# ../shared/symbols relative to the project root (see ../shared/symbols/README.md).
-SHARED_SYMBOLS = Path(__file__).resolve().parents[1].parent / "shared" / "symbols"
+# ../shared/symbols relative to the project root (see ../shared/symbols/README.md); an
+# installed builder (site-packages has no ../shared) is told where they are by this variable.
+SHARED_SYMBOLS_ENV = "KCBWAIT_SHARED_SYMBOLS"
+SHARED_SYMBOLS = Path(
+    os.environ.get(SHARED_SYMBOLS_ENV)
+    or Path(__file__).resolve().parents[1].parent / "shared" / "symbols"
+)
 
 REAL_TABLES = {  # build -> (GUID, age), from ../shared/symbols/README.md
     14393: ("517E128F7B7C4EA79491DE6B9B9CE190", 1),
@@ -34,7 +40,10 @@ def real_profile(build: int, shared: Path = SHARED_SYMBOLS) -> Profile:
     guid, age = REAL_TABLES[build]
     path = shared / "windows" / "ntkrnlmp.pdb" / f"{guid}-{age}.json.xz"
     if not path.exists():
-        raise ProfileError(f"symbol table for build {build} not found at {path}")
+        raise ProfileError(
+            f"symbol table for build {build} not found at {path} (set {SHARED_SYMBOLS_ENV} to "
+            "the directory holding windows/ntkrnlmp.pdb/, e.g. ../shared/symbols)"
+        )
     return Profile(str(build), build, path, shared)
 
 
