@@ -148,7 +148,7 @@ class _Facts:
     returns: list[str] = field(default_factory=list)
 
 
-def _usable_bounds(exp: ThreadExpectation) -> tuple[int, int] | None:
+def usable_bounds(exp: ThreadExpectation) -> tuple[int, int] | None:
     limit, base = exp.stack_limit, exp.stack_base
     if limit >= base or base > USER_SPACE_END or base - limit > MAX_STACK_SPAN:
         return None
@@ -324,7 +324,7 @@ def thread_record(
         if not exp.teb_readable():
             facts.unreadable.append("TEB")
         else:
-            bounds = _usable_bounds(exp)
+            bounds = usable_bounds(exp)
             if bounds is None:
                 facts.invalid.append("TEB stack bounds")
             elif user and not bounds[0] <= exp.rsp <= bounds[1]:

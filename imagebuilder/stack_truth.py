@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagebuilder.expectation import NO_USER_TRAP_FRAME, NOT_RESIDENT, ImageFacts, ThreadExpectation
+from imagebuilder.expectation import (
+    NO_USER_TRAP_FRAME,
+    NOT_RESIDENT,
+    ImageFacts,
+    ThreadExpectation,
+    usable_bounds,
+)
 from imagebuilder.memory import PAGE
 from imagebuilder.process_symbols import ProcessSymbols
 
@@ -130,7 +136,10 @@ class _Walk:
         self.exp, self.shadow, self.rbps = exp, shadow, trap_rbps
         self.image, self.unwind = image, unwind
         self.rows: list[_Row] = []
-        self.stack_base = exp.stack_base if exp.teb_readable() else None
+        # The TEB's StackBase bounds level 0 only where the bounds can be true (as the
+        # contract's `invalid: TEB stack bounds` judges them).
+        bounds = usable_bounds(exp) if exp.teb_readable() else None
+        self.stack_base = bounds[1] if bounds is not None else None
 
     def qword(self, address: int) -> int:
         if not self.exp.readable(address, 8):

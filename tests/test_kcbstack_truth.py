@@ -60,3 +60,17 @@ def test_default_mode_lists_kcbwaits_threads(images, profile):
     truth = images.truth("stacks", profile)
     rows = run_plugin(paths["raw"], PLUGIN, [paths["symbols"], paths["pdb_symbols"]], {})
     assert threads_of(rows) == expected(truth, lambda t: t["reason"] != "none")
+
+
+DAMAGE_SCENARIOS = ["damaged-threads", "damaged-lists", "hostile-names", "fuzz-deep"]
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES)
+@pytest.mark.parametrize("scenario", DAMAGE_SCENARIOS)
+def test_damaged_images_every_frame(images, scenario, profile):
+    """Damaged kernel and user structures (tests/test_damage_truth.py for kcbwait's rows):
+    the stacks of every thread still equal the truth, notes included."""
+    paths = images.get(scenario, profile)
+    truth = images.truth(scenario, profile)
+    rows = run_plugin(paths["raw"], PLUGIN, [paths["symbols"]], {"all-threads": True})
+    assert threads_of(rows) == expected(truth, lambda t: True)
