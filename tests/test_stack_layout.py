@@ -358,22 +358,27 @@ def test_no_stray_return_addresses_on_healthy_stacks(built):
 
 
 def test_damage_shows_in_the_image(built):
-    """The unwind damage kinds are in the image: .pdata pages absent in one process, a
-    version-4 UNWIND_INFO in another's copy of user32 only."""
+    """The unwind damage kinds are in the image: the .pdata pages of process 5200's own EXE
+    absent (no other process maps that image, so no copy can stand in), a version-4
+    UNWIND_INFO in process 5300's copy of user32 only."""
     scenario, reader, truth = built
     if scenario != "stacks":
         pytest.skip("stacks.json declares the unwind damage")
     modules = _modules(reader, truth, reader.threads())
     user32 = {p: m for p, mods in modules.items() for m in mods if m.name == "user32.dll"}
-    healthy, gone, corrupt = user32[5100], user32[5200], user32[5300]
-    pdata = healthy.pe.OPTIONAL_HEADER.DATA_DIRECTORY[3]
+    healthy, corrupt = user32[5100], user32[5300]
+    gone = next(m for m in modules[5200] if m.name == "pdatagone.exe")
+    pdata = gone.pe.OPTIONAL_HEADER.DATA_DIRECTORY[3]
     pages = range(pdata.VirtualAddress & ~0xFFF, pdata.VirtualAddress + pdata.Size, 0x1000)
-    assert all(p in healthy.present and p not in gone.present for p in pages)
+    assert pdata.Size and not any(p in gone.present for p in pages)
+    assert not any(m.name == "pdatagone.exe" for pid, mods in modules.items() if pid != 5200
+                   for m in mods)
     changed = [f for f in healthy.functions if corrupt.data[f[2]] & 7 != healthy.data[f[2]] & 7]
     assert changed and all(corrupt.data[f[2]] & 7 == 4 for f in changed)
     records = {t["tid"]: t["stack"] for t in truth["threads"]}
-    assert "unreadable: unwind data" in records[5204][1]["notes"]
-    assert records[5204][2]["how"] == "scan"
+    wndproc = next(r for r in records[5204] if "pdatagone.exe!WndProc" in (r["symbol"] or ""))
+    assert wndproc["notes"] == "unreadable: unwind data"
+    assert records[5204][wndproc["frame"] + 1]["how"] == "scan"
     assert records[5304][1]["notes"] == "invalid: unwind data"
     assert records[5304][2]["how"] == "scan"
     overwritten = next(r for r in records[5140] if r["rip"] == 0x4141414141414141)
