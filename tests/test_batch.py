@@ -69,6 +69,13 @@ def batch(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
     )
 
 
+def batch_one(image: Path, symbols: Path, work: Path, *options: str):
+    """(output path, finished run) of kcbwait-batch on one image, offline, with ``options``."""
+    out = work / "out.jsonl"
+    cache = ["--offline", "--cache-path", str(work / "cache")]
+    return out, batch(str(image), "-s", str(symbols), *cache, "--out", str(out), *options)
+
+
 def start_batch(args: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen:
     """Starts the batch command in the background (for tests that interrupt it)."""
     return subprocess.Popen(
@@ -287,20 +294,7 @@ def test_all_threads_as_csv(batch_dir, tmp_path):
 def test_pid_filter_is_passed_to_the_plugin(batch_dir, tmp_path):
     directory, symbols = batch_dir
     image = directory / "basic-lab.raw"
-    out = tmp_path / "out.jsonl"
-    result = batch(
-        str(image),
-        "-s",
-        str(symbols),
-        "--offline",
-        "--cache-path",
-        str(tmp_path / "cache"),
-        "--out",
-        str(out),
-        "--pid",
-        "2468",
-        "3580",
-    )
+    out, result = batch_one(image, symbols, tmp_path, "--pid", "2468", "3580")
     assert result.returncode == 0, result.stderr
     want = run_plugin(image, PLUGIN, [symbols], {"pid": [2468, 3580]})
     output = by_image(read_jsonl(out))[str(image)]
@@ -311,19 +305,7 @@ def test_pid_filter_is_passed_to_the_plugin(batch_dir, tmp_path):
 def test_stacks_add_each_threads_kcbstack_frames(batch_dir, truths, local_run, tmp_path):
     directory, symbols = batch_dir
     image = directory / "basic-lab.raw"
-    out = tmp_path / "out.jsonl"
-    result = batch(
-        str(image),
-        "-s",
-        str(symbols),
-        "--offline",
-        "--cache-path",
-        str(tmp_path / "cache"),
-        "--out",
-        str(out),
-        "--all-threads",
-        "--stacks",
-    )
+    out, result = batch_one(image, symbols, tmp_path, "--all-threads", "--stacks")
     assert result.returncode == 0, result.stderr
     output = by_image(read_jsonl(out))[str(image)]
     assert output["status"]["options"]["stacks"] is True

@@ -18,7 +18,6 @@ from volatility3.framework.renderers import format_hints
 from volatility3.plugins.windows import kcbwait
 from volatility3.plugins.windows.kcbwait_analysis import (
     cells,
-    findings,
     plugin_requirements,
     results,
     stack_walk,
@@ -70,10 +69,7 @@ class KcbStack(interfaces.plugins.PluginInterface):
         )
 
     def _generator(self):
-        mode = findings.ListingMode.from_options(
-            bool(self.config.get("all-threads", False)),
-            bool(self.config.get("at-return-only", False)),
-        )
+        mode = plugin_requirements.listing_mode(self.config)
         for result in kcbwait.KcbWait.analyse_threads(
             self.context,
             self.config["kernel"],

@@ -225,10 +225,7 @@ class KcbWait(interfaces.plugins.PluginInterface):
         )
 
     def _generator(self):
-        mode = findings.ListingMode.from_options(
-            bool(self.config.get("all-threads", False)),
-            bool(self.config.get("at-return-only", False)),
-        )
+        mode = plugin_requirements.listing_mode(self.config)
         for result in self.analyse_threads(
             self.context,
             self.config["kernel"],

@@ -7,7 +7,7 @@ import logging
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.plugins.windows import pslist, vadinfo
-from volatility3.plugins.windows.kcbwait_analysis import kernel_facts, pdb_names
+from volatility3.plugins.windows.kcbwait_analysis import findings, kernel_facts, pdb_names
 
 vollog = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ def thread_selection_requirements() -> list[interfaces.configuration.Requirement
             optional=True,
         ),
     ]
+
+
+def listing_mode(config: interfaces.configuration.HierarchicalDict) -> findings.ListingMode:
+    """Which threads the options of ``thread_selection_requirements`` list."""
+    return findings.ListingMode.from_options(
+        bool(config.get("all-threads", False)), bool(config.get("at-return-only", False))
+    )
 
 
 def x64_tree_grid(
