@@ -20,7 +20,6 @@ those of its owner, so a foreign entry never reads another process's memory as i
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.plugins.windows.kcbwait_analysis import (
@@ -35,6 +34,7 @@ from volatility3.plugins.windows.kcbwait_analysis import (
     read_stats,
     results,
     stack_walk,
+    thread_fields,
     thread_stack,
     trap_frame,
     user_callout,
@@ -47,52 +47,6 @@ POINTER_SIZE = 8
 MAX_CALLBACK_TABLE_ENTRIES = 0x400
 # Pages one thread's level reads may fetch: each level needs the page or two its frame spans.
 MAX_LEVEL_PAGES = 2 * user_callout.MAX_LEVELS
-
-
-class ThreadFields:
-    """The KTHREAD/ETHREAD fields the analysis reads, each read on its own so that one
-    unreadable field costs only that field."""
-
-    def __init__(
-        self,
-        thread: interfaces.objects.ObjectInterface,
-        nesting_member: str | None,
-        resident_member: str | None,
-    ):
-        self.unreadable: set[results.Field] = set()
-        tcb = memory.try_read(lambda: thread.Tcb)
-        self.tid = self._int(lambda: thread.Cid.UniqueThread, results.Field.TID)
-        self.state = self._int(lambda: tcb.State, results.Field.STATE) if tcb is not None else None
-        self.wait_reason = (
-            self._int(lambda: tcb.WaitReason, results.Field.WAIT_REASON)
-            if tcb is not None
-            else None
-        )
-        self.nesting_level = None
-        if tcb is not None and nesting_member is not None:
-            self.nesting_level = self._int(
-                lambda: tcb.member(nesting_member), results.Field.NESTING_LEVEL
-            )
-        self.kernel_stack_resident: bool | None = None
-        if tcb is not None and resident_member is not None:
-            resident = self._int(lambda: tcb.member(resident_member), None)
-            self.kernel_stack_resident = None if resident is None else bool(resident)
-        self.process = None
-        if tcb is not None and tcb.has_member("Process"):
-            self.process = self._int(lambda: tcb.Process, None)
-        self.trap_frame = self._int(lambda: tcb.TrapFrame, None) if tcb is not None else None
-        self.initial_stack = self._int(lambda: tcb.InitialStack, None) if tcb is not None else None
-        self.teb = self._int(lambda: tcb.Teb, None) if tcb is not None else None
-        if tcb is None:
-            self.unreadable.update(
-                (results.Field.STATE, results.Field.WAIT_REASON, results.Field.NESTING_LEVEL)
-            )
-
-    def _int(self, getter: Callable, column: results.Field | None) -> int | None:
-        value = memory.try_read(lambda: int(getter()))
-        if value is None and column is not None:
-            self.unreadable.add(column)
-        return value
 
 
 def read_teb_limits(
@@ -137,9 +91,12 @@ class ThreadAnalyzer:
         self._catalog = catalog
         self._facts = catalog.facts
         self._stats = stats
+        self._thread_layout = thread_fields.ThreadLayout.resolve(
+            self._kernel, self._facts.nesting_member, self._facts.resident_member
+        )
 
     def _owner(
-        self, listed: process_info.ProcessInfo, fields: ThreadFields
+        self, listed: process_info.ProcessInfo, fields: thread_fields.ThreadFields
     ) -> tuple[process_info.ProcessInfo, findings.ForeignThread | None]:
         """The process whose memory the thread's user side lives in, and the foreign-thread
         finding when that is not the process whose list holds the thread."""
@@ -158,7 +115,9 @@ class ThreadAnalyzer:
         """Full analysis of one thread found in the thread list of the process ``listed``;
         with ``stack_mode``, the threads that mode lists also get their call stack."""
         facts = self._facts
-        fields = ThreadFields(thread, facts.nesting_member, facts.resident_member)
+        fields = thread_fields.ThreadFields(
+            thread, facts.nesting_member, facts.resident_member, self._thread_layout, self._context
+        )
         info, foreign = self._owner(listed, fields)
         found = _Findings()
         stack = kernel_callout.read_kernel_stack(
@@ -273,7 +232,10 @@ class ThreadAnalyzer:
         return dataclasses.replace(result, stack=frames)
 
     def _current_trap_frame(
-        self, stack: kernel_callout.KernelStack, fields: ThreadFields, found: _Findings
+        self,
+        stack: kernel_callout.KernelStack,
+        fields: thread_fields.ThreadFields,
+        found: _Findings,
     ) -> tuple[trap_frame.TrapFrame | None, int | None]:
         """T(K) when it is a user-mode frame, and KTHREAD.TrapFrame when it names another
         address (a Running thread's KTHREAD.TrapFrame may be left over from an earlier
@@ -301,7 +263,7 @@ class ThreadAnalyzer:
     def _stack_bounds(
         self,
         info: process_info.ProcessInfo,
-        fields: ThreadFields,
+        fields: thread_fields.ThreadFields,
         user_frame: trap_frame.TrapFrame | None,
         found: _Findings,
     ) -> user_callout.StackBounds | None:
@@ -323,7 +285,7 @@ class ThreadAnalyzer:
     def _levels(
         self,
         info: process_info.ProcessInfo,
-        fields: ThreadFields,
+        fields: thread_fields.ThreadFields,
         stack: kernel_callout.KernelStack,
         user_frame: trap_frame.TrapFrame | None,
         ntdll: ntdll_exports.NtdllFacts,
