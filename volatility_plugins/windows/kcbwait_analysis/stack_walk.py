@@ -143,9 +143,6 @@ class _Walk:
         self.rows: list[_Row] = []
         self.limit: int | None = None
         """The scan's upper bound: the level's UCALLOUT_FRAME, or the TEB's StackBase."""
-        self.machine_frame = False
-        self.scanned = False
-        """How the last unwound frame was found."""
 
     def emit(self, level: int, rip: int | None, rsp: int | None, how: How) -> _Row:
         row = _Row(level, rip, rsp, how)
@@ -155,9 +152,11 @@ class _Walk:
     def full(self) -> bool:
         return len(self.rows) >= MAX_FRAMES
 
-    def unwind(self, registers: x64_unwind.Registers, row: _Row) -> x64_unwind.Registers | None:
-        """The caller of the frame ``registers``; None (with a note on ``row``) when the
-        unwind cannot continue."""
+    def unwind(
+        self, registers: x64_unwind.Registers, row: _Row
+    ) -> tuple[x64_unwind.Registers, How] | None:
+        """The caller of the frame ``registers`` and how it was found; None (with a note on
+        ``row``) when the unwind cannot continue."""
         code = self.code
         module = symbolizer.find_module(code.modules, registers.rip)
         if module is None:
@@ -180,14 +179,14 @@ class _Walk:
         else:
             step = x64_unwind.Step(None, problem=x64_unwind.Problem.UNWIND_DATA_UNREADABLE)
         if step.registers is not None:
-            self.machine_frame = step.machine_frame
-            return step.registers
+            return step.registers, How.MACHINE_FRAME if step.machine_frame else How.UNWIND
         problem = step.problem
         if problem is x64_unwind.Problem.STACK_UNREADABLE:
             row.notes.append(FrameNote(Note.STACK_UNREADABLE, step.address))
             return None
         row.notes.append(FrameNote(_PROBLEM_NOTES[problem]))
-        return self.scan(registers.rsp, row)
+        found = self.scan(registers.rsp, row)
+        return (found, How.SCAN) if found is not None else None
 
     def scan(self, rsp: int, row: _Row) -> x64_unwind.Registers | None:
         """The first call-site return address at or above ``rsp`` (bounded)."""
@@ -200,7 +199,6 @@ class _Walk:
                 continue
             before = code.read_code(value - call_site.LOOKBEHIND, call_site.LOOKBEHIND)
             if before is not None and call_site.follows_call(before):
-                self.scanned = True
                 return x64_unwind.Registers(value, slot + 8)
         row.notes.append(FrameNote(Note.NO_RETURN_ADDRESS))
         return None
@@ -289,10 +287,10 @@ def _walk_level(
                 row.notes.append(FrameNote(Note.STACK_UNREADABLE, address))
                 return None
             return x64_unwind.Registers.at(rip, rsp, entry.caller_rbp)
-        walk.machine_frame = walk.scanned = False
-        caller = walk.unwind(registers, row)
-        if caller is None:
+        unwound = walk.unwind(registers, row)
+        if unwound is None:
             return None
+        caller, how = unwound
         if level == 0 and (
             caller.rip == 0 or (walk.stack_base is not None and caller.rsp >= walk.stack_base)
         ):
@@ -303,11 +301,5 @@ def _walk_level(
         if level >= 1 and frame is not None and caller.rsp > frame:
             row.notes.append(FrameNote(Note.LEFT_LEVEL))
             return None
-        if walk.scanned:
-            how = How.SCAN
-        elif walk.machine_frame:
-            how = How.MACHINE_FRAME
-        else:
-            how = How.UNWIND
         row = walk.emit(level, caller.rip, caller.rsp, how)
         registers = caller
